@@ -1,0 +1,86 @@
+"""When the Triton kernels can run, and how they are launched.
+
+Triton runs on CUDA tensors, and on CPU tensors through its interpreter when
+``TRITON_INTERPRET=1`` is set. The environment is read at call time, not at import
+time: ``triton.jit`` on its own fixes compiled-vs-interpreted when the kernel module
+is imported, so kernels here are wrapped in :func:`triton_kernel`, which builds the
+compiled or the interpreted form on first launch in each mode.
+
+If Triton cannot be imported at all, :func:`kernels_available` is False and every
+public op runs its torch reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # e.g. a platform without Triton wheels
+    triton = None
+    HAS_TRITON = False
+
+    class _TritonLanguageStandIn:
+        """Lets kernel modules be imported (their `tl.constexpr` annotations evaluate)
+        when Triton is missing; the kernels are never launched then."""
+
+        constexpr = None
+
+    tl = _TritonLanguageStandIn()
+
+
+def interpreter_requested() -> bool:
+    """True when the caller asked for Triton's CPU interpreter (read now, not at import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernels_available(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``tensor``'s device right now."""
+    if not HAS_TRITON:
+        return False
+    if tensor.device.type == "cuda":
+        return True
+    return tensor.device.type == "cpu" and interpreter_requested()
+
+
+class _Kernel:
+    """A Triton kernel whose compiled / interpreted form is chosen when it is launched."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._by_mode: dict[bool, object] = {}
+
+    def _for_mode(self, interpret: bool):
+        kernel = self._by_mode.get(interpret)
+        if kernel is None:
+            if interpret:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                kernel = InterpretedFunction(self.fn)
+            else:
+                from triton.runtime.jit import JITFunction
+
+                kernel = JITFunction(self.fn)
+            self._by_mode[interpret] = kernel
+        return kernel
+
+    def __getitem__(self, grid):
+        return self._for_mode(interpreter_requested())[grid]
+
+
+def triton_kernel(fn) -> _Kernel:
+    """Decorator used instead of ``triton.jit`` for the kernels in this package."""
+    return _Kernel(fn)
+
+
+def program_count(device: torch.device, per_sm: int = 4) -> int:
+    """A few programs per streaming multiprocessor: the grid of persistent kernels
+    (RMSNorm backward). On CPU (interpreter) a small fixed count is enough."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return per_sm * sms
+    return 8

@@ -1,0 +1,4 @@
+"""Process-group topology and (later) the tensor/pipeline-parallel layers."""
+from megamm.parallel.topology import Topology
+
+__all__ = ["Topology"]

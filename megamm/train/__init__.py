@@ -1,0 +1,1 @@
+"""Building the DeepSpeed engine, the loop, metrics, checkpoint/resume."""

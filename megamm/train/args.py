@@ -1,0 +1,93 @@
+"""Command line of launch/train.py: argparse -> a validated TrainArgs dataclass."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from megamm.config import PRESETS, ConfigError
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    ds_config: str = "zero3_offload.json"
+    model: str = "tiny"
+    data: str | None = None
+    """Directory of train*/val* shards; None = the embedded default data set."""
+    seq_len: int | None = None
+    """Tokens per row; None = the preset's max_seq_len."""
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    max_steps: int = 100
+    seed: int = 1234
+    save_dir: str | None = None
+    save_interval: int = 0
+    """Save every N optimizer steps (0: only at the end, when save_dir is set)."""
+    resume: bool = False
+    eval_interval: int = 0
+    eval_batches: int = 8
+    dry_run: bool = False
+    precision: str | None = None
+    loss_scope: str | None = None
+    z_loss: float | None = None
+    activation_checkpointing: bool | None = None
+    kernels: str | None = None
+    log_interval: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = {"max_steps": self.max_steps >= 1, "warmup": self.warmup >= 0,
+                  "save_interval": self.save_interval >= 0, "eval_interval": self.eval_interval >= 0,
+                  "eval_batches": self.eval_batches >= 1, "log_interval": self.log_interval >= 1}
+        for name in ("seq_len", "micro_batch", "grad_accum"):
+            if getattr(self, name) is not None:
+                checks[name] = getattr(self, name) >= 1
+        if self.lr is not None:
+            checks["lr"] = self.lr > 0
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(self, name)}")
+        if self.resume and not self.save_dir:
+            raise ConfigError("--resume needs --save-dir (the directory to resume from)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/train.py",
+                                description="Train the unified text/image/audio transformer under DeepSpeed.")
+    a = p.add_argument
+    a("--ds_config", "--ds-config", dest="ds_config", default="zero3_offload.json",
+      help="DeepSpeed JSON; a bare name resolves against ds_configs/")
+    a("--model", default="tiny", help=f"preset: {', '.join(PRESETS)}")
+    a("--data", default=None, help="directory of train*/val* token shards (default: embedded data set)")
+    a("--seq-len", type=int)
+    a("--micro-batch", type=int, help="overrides train_micro_batch_size_per_gpu")
+    a("--grad-accum", type=int, help="overrides gradient_accumulation_steps")
+    a("--lr", type=float, help="peak learning rate (overrides the optimizer's lr)")
+    a("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor as a fraction of --lr")
+    a("--warmup", type=int, default=10, help="linear warm-up steps")
+    a("--max-steps", type=int, default=100)
+    a("--seed", type=int, default=1234)
+    a("--save-dir")
+    a("--save-interval", type=int, default=0)
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    a("--eval-interval", type=int, default=0, help="validation loss every N steps (0: off)")
+    a("--eval-batches", type=int, default=8)
+    a("--dry-run", action="store_true", help="build on the meta device, print the size and layout, exit")
+    a("--precision", choices=["bf16", "fp16", "fp32"], help="overrides the config's mixed precision")
+    a("--loss-scope", choices=["modality", "full"])
+    a("--z-loss", type=float)
+    a("--activation-checkpointing", dest="activation_checkpointing", action="store_const", const=True)
+    a("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const", const=False)
+    a("--kernels", choices=["auto", "triton", "torch"])
+    a("--log-interval", type=int, default=1)
+    a("--no-progress", dest="progress", action="store_false")
+    a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    return p
+
+
+def parse(argv=None) -> TrainArgs:
+    ns = vars(parser().parse_args(argv))
+    ns.pop("local_rank", None)
+    return TrainArgs(**ns)

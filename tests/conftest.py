@@ -1,0 +1,32 @@
+"""Shared test set-up.
+
+TRITON_INTERPRET=1 is set here, before anything imports triton, so the kernel tests
+(tests/kernels) run Triton's CPU interpreter. megamm.kernels reads the variable at call
+time, so every other test removes it and the model runs its torch path at full speed.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_TESTS = ROOT / "tests" / "kernels"
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter_only_for_kernel_tests(request, monkeypatch):
+    if KERNEL_TESTS not in Path(str(request.node.fspath)).parents:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable
