@@ -223,6 +223,16 @@ class Vocab:
                 col += hi - lo
         return table
 
+    def counted_targets(self, states: torch.Tensor, targets: torch.Tensor, grammar: bool = True,
+                        column_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool mask of the targets a loss counts: not <pad>, not after a document's end,
+        and (with grammar=True) allowed by the grammar state of their position."""
+        counted = (targets != self.pad) & (states != int(State.DONE))
+        if grammar:
+            table = self.column_table().to(states.device) if column_table is None else column_table
+            counted = counted & (table[states, targets] >= 0)
+        return counted
+
     def check_ids(self, ids, where: str = "ids") -> None:
         """Raise ValueError if any id is outside the used vocabulary."""
         arr = np.asarray(ids)

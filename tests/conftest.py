@@ -1,6 +1,6 @@
 """Shared test set-up.
 
-TRITON_INTERPRET=1 is set here, before anything imports triton, so the kernel tests
+TRITON_INTERPRET=1 is set here and triton imported at once, so the kernel tests
 (tests/kernels) run Triton's CPU interpreter. megamm.kernels reads the variable at call
 time, so every other test removes it and the model runs its torch path at full speed.
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 os.environ["TRITON_INTERPRET"] = "1"
+import triton  # noqa: E402,F401  imported now, in interpreter mode, whatever test runs first
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ROOT / "tests" / "kernels"

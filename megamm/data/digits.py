@@ -18,8 +18,11 @@ Everything is a pure function of (split, colourings, seed): re-runs are identica
 """
 from __future__ import annotations
 
+import json
+import wave
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -172,3 +175,34 @@ def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
     d = load_digits()
     return d.images, d.target
+
+
+def export_manifest(directory: str | Path, split: str = "val", colourings: int = 1, seed: int = 0,
+                    limit: int | None = None) -> Path:
+    """Write examples of `split` as files plus a manifest tools/prepare_data.py reads:
+    `<dir>/manifest.jsonl`, `<dir>/images/NNNNN.npy` (uint8 [28, 28, 3]) and
+    `<dir>/audio/NNNNN.wav` (16-bit PCM, 16 kHz). Returns the manifest path."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    (directory / "audio").mkdir(parents=True, exist_ok=True)
+    data = make_split(split, colourings=colourings, seed=seed)
+    n = len(data) if limit is None else min(limit, len(data))
+    lines = []
+    for i in range(n):
+        image_rel, audio_rel = f"images/{i:05d}.npy", f"audio/{i:05d}.wav"
+        np.save(directory / image_rel, data.images[i], allow_pickle=False)
+        write_wav(directory / audio_rel, data.audio[i], SAMPLE_RATE)
+        lines.append(json.dumps({"text": data.captions[i], "image": image_rel, "audio": audio_rel}))
+    manifest = directory / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
+    """float [T] in [-1, 1] -> 16-bit mono PCM .wav."""
+    pcm = np.clip(np.rint(np.asarray(audio, np.float64) * 32767), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(pcm.tobytes())

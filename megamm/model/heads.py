@@ -14,7 +14,7 @@ from torch import nn
 
 from megamm.config import ModelConfig
 from megamm.model.layers import init_normal_
-from megamm.vocab import MODALITY_NAMES, State, Vocab
+from megamm.vocab import MODALITY_NAMES, Vocab
 
 
 class TokenEmbedding(nn.Module):
@@ -91,7 +91,8 @@ class OutputHead(nn.Module):
     def loss(self, h, targets, states) -> LossOutput:
         """h [B,S,D], targets [B,S] (next ids), states [B,S] (grammar state of each input)."""
         h, targets, states = h.reshape(-1, h.shape[-1]), targets.reshape(-1), states.reshape(-1)
-        counted = (targets != self.vocab.pad) & (states != int(State.DONE))
+        grammar = self.cfg.loss_scope == "modality"
+        counted = self.vocab.counted_targets(states, targets, grammar, self.column_table)
         ce = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
         z = torch.zeros_like(ce)
         if self.cfg.loss_scope == "full":
@@ -100,8 +101,7 @@ class OutputHead(nn.Module):
             ce = lse - logits.gather(-1, targets[:, None]).squeeze(-1)
             z = lse
         else:
-            cols = self.column_table[states, targets]  # -1: the grammar forbids this target
-            counted = counted & (cols >= 0)
+            cols = self.column_table[states, targets]  # -1 (not counted): the grammar forbids it
             for s, ranges in enumerate(self._ranges):
                 idx = torch.nonzero(counted & (states == s)).flatten()
                 if idx.numel() == 0:

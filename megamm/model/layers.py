@@ -15,23 +15,27 @@ from megamm.config import ModelConfig
 
 
 # ---- kernel selection ---------------------------------------------------------------
-def _triton_kernels():
+def _triton_kernels(kernels: str, x: torch.Tensor):
+    """megamm.kernels when the config allows it and Triton can run on x, else None."""
+    if kernels == "torch":
+        return None
     try:
         import megamm.kernels as k
-    except ImportError:  # kernels package missing or triton not importable
-        return None
-    return k
+    except ImportError:  # triton not importable
+        k = None
+    if k is not None and k.kernels_available(x):
+        return k
+    if kernels == "triton":
+        raise RuntimeError("kernels='triton' but the Triton kernels cannot run here "
+                           "(no CUDA device and TRITON_INTERPRET is not 1)")
+    return None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str) -> torch.Tensor:
     """y = x * rsqrt(mean(x^2) + eps) * weight, in fp32, cast back to x's dtype."""
-    if kernels != "torch":
-        k = _triton_kernels()
-        if k is not None and (kernels == "triton" or k.kernels_available(x)):
-            return k.rms_norm(x, weight, eps)
-        if kernels == "triton":
-            raise RuntimeError("kernels='triton' but the Triton kernels cannot run here "
-                               "(no CUDA device and TRITON_INTERPRET is not 1)")
+    k = _triton_kernels(kernels, x)
+    if k is not None:
+        return k.rms_norm(x, weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x.dtype)
@@ -41,13 +45,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta:
                kernels: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B,S,H,Dh] and k [B,S,G,Dh] by per-token positions [B,S] (HF Llama
     half-rotation convention)."""
-    if kernels != "torch":
-        kk = _triton_kernels()
-        if kk is not None and (kernels == "triton" or kk.kernels_available(q)):
-            return kk.apply_rope(q, k, positions, theta)
-        if kernels == "triton":
-            raise RuntimeError("kernels='triton' but the Triton kernels cannot run here "
-                               "(no CUDA device and TRITON_INTERPRET is not 1)")
+    kern = _triton_kernels(kernels, q)
+    if kern is not None:
+        return kern.apply_rope(q, k, positions, theta)
     dh = q.shape[-1]
     inv_freq = theta ** (-torch.arange(0, dh, 2, device=q.device, dtype=torch.float32) / dh)
     angle = positions.float()[..., None] * inv_freq  # [B,S,Dh/2]

@@ -77,6 +77,16 @@ class DefaultTokenizerRecipe:
     """Spoken captions (of the train split) the audio codec is trained on."""
     seed: int = 0
 
+    @classmethod
+    def quick(cls) -> "DefaultTokenizerRecipe":
+        """Small, briefly trained tokenizers (seconds, not minutes) with the default
+        vocabulary sizes; for tests and smoke runs."""
+        return cls(image=ImageTokenizerConfig(channels=32),
+                   image_train=ImageTrainConfig(steps=300, batch_size=32),
+                   audio=AudioCodecConfig(channels=96),
+                   audio_train=AudioTrainConfig(steps=300, batch_size=8, crop_frames=8),
+                   colourings=1, audio_clips=300)
+
     def key(self) -> str:
         """Short hash of the recipe and CACHE_VERSION: the name of its cache entry."""
         blob = json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True)
@@ -88,11 +98,17 @@ def load_default(cache_dir: str | Path | None = None, recipe: DefaultTokenizerRe
     """The tokenizers of the embedded dataset: loaded from the cache, or trained on its
     train split (progress on stderr) and cached first. Safe when several processes
     ask at once: one trains, the others wait for it."""
+    return Tokenizers.load(ensure_default_tokenizers(cache_dir, recipe, progress))
+
+
+def ensure_default_tokenizers(cache_dir: str | Path | None = None,
+                              recipe: DefaultTokenizerRecipe | None = None, progress: bool = True) -> Path:
+    """Directory of the cached default tokenizers (`<cache>/tokenizers-<key>`), trained
+    on first use."""
     recipe = recipe or DefaultTokenizerRecipe()
     target = cache_root(cache_dir) / f"tokenizers-{recipe.key()}"
-    build_once(target, lambda tmp: train_default(recipe, progress).save(tmp),
-               what="default tokenizers", progress=progress)
-    return Tokenizers.load(target)
+    return build_once(target, lambda tmp: train_default(recipe, progress).save(tmp),
+                      what="the default tokenizers", progress=progress)
 
 
 def train_default(recipe: DefaultTokenizerRecipe, progress: bool = True) -> Tokenizers:
@@ -120,4 +136,4 @@ def load_for_data(data_dir: str | Path) -> Tokenizers:
 
 __all__ = ["TextTokenizer", "ImageTokenizer", "AudioTokenizer", "Tokenizers", "ImageTokenizerConfig",
            "ImageTrainConfig", "AudioCodecConfig", "AudioTrainConfig", "DefaultTokenizerRecipe",
-           "load_default", "train_default", "load_for_data", "cache_root"]
+           "load_default", "ensure_default_tokenizers", "train_default", "load_for_data", "cache_root"]

@@ -224,25 +224,31 @@ def run(args: TrainArgs) -> list[dict]:
 
     records = []
     m = len(MODALITY_NAMES)
+    grammar, table = cfg.loss_scope == "modality", vocab.column_table()
     while step < args.max_steps:
         t0 = time.perf_counter()
-        acc_stats = torch.zeros(2 + 2 * m, dtype=torch.float64)
-        for _ in range(gas):
-            inputs, targets = loader.next_batch()
+        batches = [loader.next_batch() for _ in range(gas)]
+        # Every layout must optimise the same objective: the mean loss over all counted
+        # target tokens of the global batch. A micro-batch's mean is rescaled by its share
+        # of the tokens; DeepSpeed then divides by gas and averages over data parallel.
+        counts = torch.tensor([float(vocab.counted_targets(vocab.states(x), y, grammar, table).sum())
+                               for x, y in batches], dtype=torch.float64)
+        global_count = float(_all_reduce_sum(counts.sum().view(1).to(device)).cpu())
+        stats = torch.zeros(2 * m, dtype=torch.float64)
+        for (inputs, targets), n in zip(batches, counts.tolist()):
             out = engine(inputs.to(device), targets.to(device))
-            engine.backward(out.loss)
+            engine.backward(out.loss * (n * gas * topo.dp / max(global_count, 1.0)))
             engine.step()
-            acc_stats += torch.cat([out.loss.detach().double().cpu().view(1), torch.ones(1, dtype=torch.float64),
-                                    out.modality_sum.double().cpu(), out.modality_count.double().cpu()])
+            stats += torch.cat([out.modality_sum.double().cpu(), out.modality_count.double().cpu()])
         step += 1
-        stats = _all_reduce_sum(acc_stats.to(device)).cpu()
+        stats = _all_reduce_sum(stats.to(device)).cpu()
         dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": float(stats[0] / stats[1]),
+        rec = {"step": step, "loss": float(stats[:m].sum() / stats[m:].sum().clamp(min=1)),
                "lr": float(engine.get_lr()[0]), "tokens_per_s": tokens_per_step / dt,
                "step_time_s": dt}
         for i, name in enumerate(MODALITY_NAMES):
-            if stats[2 + m + i] > 0:
-                rec[f"loss_{name}"] = float(stats[2 + i] / stats[2 + m + i])
+            if stats[m + i] > 0:
+                rec[f"loss_{name}"] = float(stats[i] / stats[m + i])
         gn = engine.get_global_grad_norm()
         if gn is not None:
             rec["grad_norm"] = float(gn)

@@ -1,0 +1,101 @@
+"""The embedded default dataset, built on first use and cached.
+
+`ensure_default_dataset()` returns a data directory launch/train.py can train on
+without --data: train/val shards of "spoken coloured digits" documents
+(megamm/data/digits.py) and a meta.json, next to the default tokenizers. The first
+call trains the tokenizers and writes the shards (a few minutes on a laptop CPU,
+with progress on stderr); later calls return at once. It uses the same document
+code as tools/prepare_data.py (megamm/data/documents.py).
+
+Cache layout under `$MEGAMM_CACHE` (default ~/.cache/megamm):
+
+    tokenizers-<key>/{text,image,audio}/     the default tokenizers
+    digits-<key>/train-00000.{bin,idx}, val-00000.{bin,idx}, meta.json
+
+`<key>` hashes the recipe, so a changed recipe builds a new entry instead of
+reusing a stale one. Every entry is built in a temporary directory and renamed into
+place, under a lock, so concurrent ranks and killed builds are safe.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from megamm.data.documents import (DatasetWriter, DocumentMix, Example, build_document, encode_examples,
+                                   example_rng)
+from megamm.tokenizers import DefaultTokenizerRecipe, Tokenizers, ensure_default_tokenizers
+from megamm.tokenizers.cache import build_once, cache_root
+from megamm.tokenizers.training import progress_bar
+
+
+@dataclass(frozen=True)
+class DefaultDatasetRecipe:
+    """What the default data directory holds; part of its cache key."""
+
+    tokenizers: DefaultTokenizerRecipe = field(default_factory=DefaultTokenizerRecipe)
+    colourings: int = 4
+    """Documents per train digit (each with its own colours and template)."""
+    val_colourings: int = 2
+    """Documents per held-out digit."""
+    mix: DocumentMix = field(default_factory=DocumentMix)
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({"tokenizers": self.tokenizers.key(), **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @classmethod
+    def quick(cls) -> "DefaultDatasetRecipe":
+        """A build of well under a minute on a laptop CPU (smaller, briefly trained
+        tokenizers; one document per digit) for tests and smoke runs. Same vocabulary
+        sizes as the default, lower reconstruction quality."""
+        return cls(tokenizers=DefaultTokenizerRecipe.quick(), colourings=1, val_colourings=1)
+
+
+def ensure_default_dataset(cache_dir: str | Path | None = None, recipe: DefaultDatasetRecipe | None = None,
+                           progress: bool = True) -> Path:
+    """The data directory of the embedded dataset, built (tokenizers + shards +
+    meta.json) on first use. `cache_dir` overrides $MEGAMM_CACHE."""
+    recipe = recipe or DefaultDatasetRecipe()
+    tok_dir = ensure_default_tokenizers(cache_dir, recipe.tokenizers, progress)
+    target = cache_root(cache_dir) / f"digits-{recipe.key()}"
+    return build_once(target, lambda tmp: build_default_dataset(tmp, tok_dir, recipe, progress),
+                      what="the default dataset", progress=progress)
+
+
+def build_default_dataset(out: Path, tokenizers_dir: Path, recipe: DefaultDatasetRecipe,
+                          progress: bool = True, chunk: int = 256) -> dict:
+    """Write the shards and meta.json of the embedded dataset into `out`; returns the meta."""
+    from megamm.data.digits import make_split
+    from megamm.vocab import Vocab
+
+    toks = Tokenizers.load(tokenizers_dir)
+    vocab = Vocab(toks.vocab_config())
+    writer = DatasetWriter(out, vocab)
+    key = 0  # example key across both splits: seeds each example's document choices
+    try:
+        for split, colourings in (("train", recipe.colourings), ("val", recipe.val_colourings)):
+            data = make_split(split, colourings=colourings, seed=recipe.seed)
+            bar = progress_bar(range(0, len(data), chunk), f"default dataset ({split})", progress)
+            for s in bar:
+                examples = [Example(text=data.captions[i], image=data.images[i], audio=data.audio[i])
+                            for i in range(s, min(s + chunk, len(data)))]
+                for enc in encode_examples(examples, toks):
+                    ids, template = build_document(enc, vocab, recipe.mix, example_rng(recipe.seed, key))
+                    writer.add(split, ids, template)
+                    key += 1
+        meta = writer.close(tokenizers_dir, extra={
+            "source": "embedded: spoken coloured digits (scikit-learn 8x8 digits, espeak-ng word clips)",
+            "seed": recipe.seed, "mix": recipe.mix.to_dict(), "recipe_key": recipe.key(),
+            "colourings": {"train": recipe.colourings, "val": recipe.val_colourings}})
+    except BaseException:
+        writer.abort()
+        raise
+    if progress:
+        tpm = ", ".join(f"{k} {v}" for k, v in meta["tokens_per_modality"].items())
+        print(f"megamm: default dataset: {meta['documents']['train']} train / {meta['documents']['val']} "
+              f"val documents; tokens: {tpm}", file=sys.stderr)
+    return meta

@@ -1,0 +1,156 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megamm.config import ModelConfig, VocabConfig
+from megamm.model import Transformer, build_model
+from megamm.vocab import State, Vocab
+
+VOCAB = VocabConfig(text_size=40, n_special=10, image_codes=16, image_tokens=4, audio_codebooks=2,
+                    audio_codebook_size=8, pad_multiple=8)
+CFG = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=64, vocab=VOCAB,
+                  kernels="torch")
+
+
+def random_doc(v: Vocab, rng) -> list[int]:
+    segs = [v.text_segment(rng.integers(0, VOCAB.text_size, int(rng.integers(1, 5)))),
+            v.image_segment(rng.integers(0, VOCAB.image_codes, VOCAB.image_tokens)),
+            v.audio_segment(rng.integers(0, VOCAB.audio_codebook_size, (int(rng.integers(1, 3)), 2)))]
+    order = rng.permutation(3)
+    return v.document([segs[i] for i in order])
+
+
+def packed_batch(v: Vocab, rows=2, length=41, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(rows):
+        row = []
+        while len(row) < length:
+            row += random_doc(v, rng)
+        row = row[:length - 3] + [v.pad] * 3
+        out.append(row)
+    t = torch.tensor(out)
+    return t[:, :-1], t[:, 1:]
+
+
+def test_logits_shape_and_loss_is_finite():
+    m = build_model(CFG, seed=0)
+    x, y = packed_batch(m.vocab)
+    assert m(x).shape == (2, 40, m.vocab.size)
+    out = m(x, y)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert set(out.modality_losses()) == {"text", "image", "audio", "special"}
+
+
+def reference_losses(m: Transformer, x, y, scope):
+    """Cross-entropy from full logits with the grammar applied as a mask."""
+    v = m.vocab
+    logits = m(x).float()
+    states = v.states(x)
+    if scope == "modality":
+        allowed = torch.stack([v.allowed_mask(s) for s in range(v.n_states)])[states]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    counted = ((y != v.pad) & (states != State.DONE)).reshape(-1)
+    return ce[counted].mean()
+
+
+@pytest.mark.parametrize("scope", ["modality", "full"])
+def test_loss_equals_masked_cross_entropy_of_the_logits(scope):
+    m = build_model(CFG.replace(loss_scope=scope), seed=1)
+    x, y = packed_batch(m.vocab, seed=3)
+    got = m(x, y).loss
+    torch.testing.assert_close(got, reference_losses(m, x, y, scope), rtol=1e-5, atol=1e-5)
+
+
+def test_modality_scope_is_lower_than_full_at_init():
+    m = build_model(CFG, seed=1)
+    x, y = packed_batch(m.vocab, seed=3)
+    full = build_model(CFG.replace(loss_scope="full"), seed=1)(x, y).loss
+    assert m(x, y).loss < full
+
+
+def test_per_modality_sums_partition_the_loss():
+    m = build_model(CFG, seed=2)
+    x, y = packed_batch(m.vocab, seed=4)
+    out = m(x, y)
+    total = out.modality_sum.sum() / out.modality_count.sum()
+    torch.testing.assert_close(total, out.loss.detach(), rtol=1e-5, atol=1e-6)
+    # image targets are exactly the image codes of the batch
+    n_img = ((y >= m.vocab.image_start) & (y < m.vocab.audio_start)).sum()
+    assert int(out.modality_count[1]) == int(n_img)
+
+
+def test_packed_documents_do_not_see_each_other_and_positions_restart():
+    m = build_model(CFG, seed=0)
+    v, rng = m.vocab, np.random.default_rng(7)
+    a, b = random_doc(v, rng), random_doc(v, rng)
+    packed = m(torch.tensor([a + b]))
+    alone_a, alone_b = m(torch.tensor([a])), m(torch.tensor([b]))
+    torch.testing.assert_close(packed[:, : len(a)], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, len(a):], alone_b, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_causal():
+    m = build_model(CFG, seed=0)
+    x, _ = packed_batch(m.vocab, rows=1)
+    full = m(x)
+    changed = x.clone()
+    changed[0, 30:] = m.vocab.image_start
+    torch.testing.assert_close(m(changed)[:, :30], full[:, :30])
+
+
+def test_meta_build_plus_init_weights_equals_building_on_a_device():
+    torch.manual_seed(11)
+    direct = Transformer(CFG, device="cpu")
+    via_meta = build_model(CFG, seed=11)
+    for (n, p), q in zip(direct.named_parameters(), via_meta.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x, y = packed_batch(Vocab(VOCAB), seed=5)
+    grads = []
+    for ac in (False, True):
+        m = build_model(CFG.replace(activation_checkpointing=ac), seed=0).train()
+        m(x, y).loss.backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_z_loss_adds_the_squared_log_normaliser():
+    x, y = packed_batch(Vocab(VOCAB), seed=6)
+    plain = build_model(CFG, seed=0)(x, y).loss
+    with_z = build_model(CFG.replace(z_loss=1e-2), seed=0)(x, y).loss
+    assert with_z > plain
+
+
+def test_loss_falls_when_overfitting_a_small_batch():
+    m = build_model(CFG, seed=0)
+    x, y = packed_batch(m.vocab, seed=8)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    first = m(x, y).loss.item()
+    for _ in range(60):
+        loss = m(x, y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+
+
+def test_embedding_folds_modality_vectors_for_export():
+    m = build_model(CFG, seed=0)
+    with torch.no_grad():
+        m.embed.modality.normal_()
+    ids = torch.tensor([[m.vocab.bos, 3, m.vocab.image_start + 1]])
+    folded = m.embed.folded_table()
+    torch.testing.assert_close(F.embedding(ids, folded), m.embed(ids))
+
+
+def test_kernels_triton_refuses_when_triton_cannot_run():
+    m = build_model(CFG.replace(kernels="triton"), seed=0)
+    x, _ = packed_batch(m.vocab, rows=1)
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        m(x)

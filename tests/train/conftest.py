@@ -1,0 +1,47 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamm.config import get_preset
+from megamm.data.synthetic import write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args, ranks=None, timeout=600) -> subprocess.CompletedProcess:
+    """launch/train.py with args: under `deepspeed --num_gpus ranks`, or plain python."""
+    if ranks is None:
+        cmd = [sys.executable, "launch/train.py"]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), "launch/train.py"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(cmd + [str(a) for a in args] + ["--no-progress"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(save_dir) -> dict[int, dict]:
+    """step -> the last record logged for it (a resumed run appends)."""
+    out = {}
+    for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_synthetic")
+    write_synthetic_dataset(d, get_preset("tiny").vocab, n_train=400, n_val=40, seed=0)
+    return d
