@@ -11,55 +11,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import megamm.kernels as K
 from megamm.config import ModelConfig
 
 
 # ---- kernel selection ---------------------------------------------------------------
-def _triton_kernels(kernels: str, x: torch.Tensor):
-    """megamm.kernels when the config allows it and Triton can run on x, else None."""
-    if kernels == "torch":
-        return None
-    try:
-        import megamm.kernels as k
-    except ImportError:  # triton not importable
-        k = None
-    if k is not None and k.kernels_available(x):
-        return k
-    if kernels == "triton":
+# megamm.kernels holds both the Triton kernels and their torch references; the config's
+# `kernels` field picks: "auto" = Triton where it can run, "torch" = the references,
+# "triton" = Triton or a clear error.
+def _use_triton(mode: str, x: torch.Tensor) -> bool:
+    if mode == "torch":
+        return False
+    if K.kernels_available(x):
+        return True
+    if mode == "triton":
         raise RuntimeError("kernels='triton' but the Triton kernels cannot run here "
                            "(no CUDA device and TRITON_INTERPRET is not 1)")
-    return None
+    return False
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: str) -> torch.Tensor:
     """y = x * rsqrt(mean(x^2) + eps) * weight, in fp32, cast back to x's dtype."""
-    k = _triton_kernels(kernels, x)
-    if k is not None:
-        return k.rms_norm(x, weight, eps)
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    fn = K.rms_norm if _use_triton(mode, x) else K.rms_norm_reference
+    return fn(x, weight, eps)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float,
-               kernels: str) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x, residual, weight, eps: float, mode: str):
+    """(rms_norm(x + residual), x + residual), fused on the Triton path."""
+    fn = K.add_rms_norm if _use_triton(mode, x) else K.add_rms_norm_reference
+    return fn(x, residual, weight, eps)
+
+
+def apply_rope(q, k, positions, theta: float, mode: str):
     """Rotate q [B,S,H,Dh] and k [B,S,G,Dh] by per-token positions [B,S] (HF Llama
     half-rotation convention)."""
-    kern = _triton_kernels(kernels, q)
-    if kern is not None:
-        return kern.apply_rope(q, k, positions, theta)
-    dh = q.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, dh, 2, device=q.device, dtype=torch.float32) / dh)
-    angle = positions.float()[..., None] * inv_freq  # [B,S,Dh/2]
-    cos = torch.cat([angle.cos(), angle.cos()], -1)[:, :, None, :]  # [B,S,1,Dh]
-    sin = torch.cat([angle.sin(), angle.sin()], -1)[:, :, None, :]
-
-    def rot(x):
-        xf = x.float()
-        x1, x2 = xf[..., : dh // 2], xf[..., dh // 2:]
-        return (xf * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
-
-    return rot(q), rot(k)
+    fn = K.apply_rope if _use_triton(mode, q) else K.apply_rope_reference
+    return fn(q, k, positions, theta)
 
 
 # ---- modules -------------------------------------------------------------------------
@@ -74,8 +61,12 @@ class RMSNorm(nn.Module):
     def reset_parameters(self):
         nn.init.ones_(self.weight)
 
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps, self.kernels)
+    def forward(self, x, residual=None):
+        """rms_norm(x); with residual: (rms_norm(x + residual), x + residual), fused.
+        (The weight is used only inside forward, where ZeRO-3 has gathered it.)"""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps, self.kernels)
+        return add_rms_norm(x, residual, self.weight, self.eps, self.kernels)
 
 
 @torch.no_grad()
@@ -155,5 +146,5 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg, device=device)
 
     def forward(self, x, positions, attn):
-        x = x + self.attn(self.attn_norm(x), positions, attn)
-        return x + self.mlp(self.mlp_norm(x))
+        h, x = self.mlp_norm(self.attn(self.attn_norm(x), positions, attn), residual=x)
+        return x + self.mlp(h)
