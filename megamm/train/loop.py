@@ -3,6 +3,7 @@ checkpoint, log. One function per stage; `run(args)` strings them together."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -90,6 +91,15 @@ def resolve_data_dir(args: TrainArgs, rank: int) -> Path:
         ensure_default_dataset()
     _barrier()
     return ensure_default_dataset()
+
+
+def tokenizers_of(data_dir: Path) -> str | None:
+    """Absolute path of the tokenizers a data directory was prepared with (its meta.json)."""
+    try:
+        tok = json.loads((Path(data_dir) / "meta.json").read_text()).get("tokenizers")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return str((Path(data_dir) / tok).resolve()) if tok else None
 
 
 def _single_process_env() -> None:
@@ -210,6 +220,7 @@ def run(args: TrainArgs) -> list[dict]:
             print(f"resumed from {args.save_dir} at step {step}", flush=True)
 
     meta = {"model": cfg.to_dict(), "preset": args.model, "data": str(data_dir),
+            "tokenizers": tokenizers_of(data_dir),
             "zero_stage": ds_config.zero_stage(ds_cfg), "precision": ds_config.precision(ds_cfg),
             "topology": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp}}
     log = MetricsLog(Path(args.save_dir) / "metrics.jsonl" if args.save_dir and rank == 0 else None)
