@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
-from megamm.data.documents import (DatasetWriter, DocumentMix, Example, build_document, encode_examples,
-                                   example_rng)
+from megamm.data.documents import (DatasetWriter, DocumentMix, EncodedExample, Example, build_document,
+                                   encode_examples, example_rng)
 from megamm.tokenizers import DefaultTokenizerRecipe, Tokenizers, ensure_default_tokenizers
 from megamm.tokenizers.cache import build_once, cache_root
-from megamm.tokenizers.training import progress_bar
+from megamm.tokenizers.training import progress_bar, torch_threads, usable_cores
 
 
 @dataclass(frozen=True)
@@ -68,25 +71,32 @@ def ensure_default_dataset(cache_dir: str | Path | None = None, recipe: DefaultD
 
 def build_default_dataset(out: Path, tokenizers_dir: Path, recipe: DefaultDatasetRecipe,
                           progress: bool = True, chunk: int = 256) -> dict:
-    """Write the shards and meta.json of the embedded dataset into `out`; returns the meta."""
-    from megamm.data.digits import make_split
+    """Write the shards and meta.json of the embedded dataset into `out`; returns the meta.
+
+    Examples are encoded in chunks, by a second process too when there are two usable
+    cores (single-threaded either way, so the shards are the same)."""
+    from megamm.data.digits import split_size
     from megamm.vocab import Vocab
 
-    toks = Tokenizers.load(tokenizers_dir)
-    vocab = Vocab(toks.vocab_config())
+    vocab = Vocab(Tokenizers.load(tokenizers_dir).vocab_config())
+    tasks = [(str(tokenizers_dir), split, colourings, recipe.seed, s, s + chunk)
+             for split, colourings in (("train", recipe.colourings), ("val", recipe.val_colourings))
+             for s in range(0, split_size(split, colourings), chunk)]
+    n_examples = sum(split_size(sp, c) for sp, c in (("train", recipe.colourings), ("val", recipe.val_colourings)))
     writer = DatasetWriter(out, vocab)
-    key = 0  # example key across both splits: seeds each example's document choices
+    pool = (ProcessPoolExecutor(min(usable_cores(), 4), mp_context=mp.get_context("spawn"))
+            if usable_cores() >= 2 else None)
     try:
-        for split, colourings in (("train", recipe.colourings), ("val", recipe.val_colourings)):
-            data = make_split(split, colourings=colourings, seed=recipe.seed)
-            bar = progress_bar(range(0, len(data), chunk), f"default dataset ({split})", progress)
-            for s in bar:
-                examples = [Example(text=data.captions[i], image=data.images[i], audio=data.audio[i])
-                            for i in range(s, min(s + chunk, len(data)))]
-                for enc in encode_examples(examples, toks):
-                    ids, template = build_document(enc, vocab, recipe.mix, example_rng(recipe.seed, key))
-                    writer.add(split, ids, template)
-                    key += 1
+        results = pool.map(_encode_range, tasks) if pool else map(_encode_range, tasks)
+        bar = progress_bar(None, "default dataset", progress, total=n_examples, unit="ex")
+        key = 0  # example key across both splits: seeds each example's document choices
+        for (_, split, *_), encoded in zip(tasks, results):
+            for enc in encoded:
+                ids, template = build_document(enc, vocab, recipe.mix, example_rng(recipe.seed, key))
+                writer.add(split, ids, template)
+                key += 1
+            bar.update(len(encoded))
+        bar.close()
         meta = writer.close(tokenizers_dir, extra={
             "source": "embedded: spoken coloured digits (scikit-learn 8x8 digits, espeak-ng word clips)",
             "seed": recipe.seed, "mix": recipe.mix.to_dict(), "recipe_key": recipe.key(),
@@ -94,8 +104,29 @@ def build_default_dataset(out: Path, tokenizers_dir: Path, recipe: DefaultDatase
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if progress:
         tpm = ", ".join(f"{k} {v}" for k, v in meta["tokens_per_modality"].items())
         print(f"megamm: default dataset: {meta['documents']['train']} train / {meta['documents']['val']} "
               f"val documents; tokens: {tpm}", file=sys.stderr)
     return meta
+
+
+def _encode_range(task: tuple) -> list[EncodedExample]:
+    """Encode examples [start, stop) of one split (runs in a worker process or inline)."""
+    from megamm.data.digits import make_split
+
+    tokenizers_dir, split, colourings, seed, start, stop = task
+    with torch_threads(1):
+        toks = _load_tokenizers(tokenizers_dir)
+        data = make_split(split, colourings=colourings, seed=seed, start=start, stop=stop)
+        examples = [Example(text=data.captions[i], image=data.images[i], audio=data.audio[i])
+                    for i in range(len(data))]
+        return encode_examples(examples, toks)
+
+
+@lru_cache(maxsize=2)
+def _load_tokenizers(directory: str) -> Tokenizers:
+    return Tokenizers.load(directory)

@@ -80,13 +80,17 @@ def split_indices(split: str) -> np.ndarray:
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
 
 
-def make_split(split: str, colourings: int = 1, seed: int = 0, audio: bool = True) -> DigitsData:
-    """All examples of `split`: each source digit painted `colourings` times."""
+def make_split(split: str, colourings: int = 1, seed: int = 0, audio: bool = True,
+               start: int = 0, stop: int | None = None) -> DigitsData:
+    """Examples of `split`: each source digit painted `colourings` times, ordered by
+    (digit sample, colouring). `start`/`stop` select a range of that order, identical
+    to slicing the whole split (every example is a pure function of its position)."""
     if colourings < 1:
         raise ValueError(f"colourings must be >= 1, got {colourings}")
     gray, labels = _load_sklearn_digits()
     idx = np.repeat(split_indices(split), colourings)  # [N]
     k = np.tile(np.arange(colourings), len(idx) // colourings)
+    idx, k = idx[start:stop], k[start:stop]
     fg = np.zeros((len(idx), 3))
     bg = np.zeros((len(idx), 3))
     captions = []
@@ -103,6 +107,11 @@ def make_split(split: str, colourings: int = 1, seed: int = 0, audio: bool = Tru
                  for c, i, j in zip(captions, idx, k)]
     return DigitsData(images=images, captions=captions, digits=labels[idx].astype(np.int64),
                       sample_index=idx.astype(np.int64), audio=clips)
+
+
+def split_size(split: str, colourings: int = 1) -> int:
+    """Number of examples make_split(split, colourings) returns."""
+    return len(split_indices(split)) * colourings
 
 
 def caption(digit: int, fg: tuple[str, str], bg: tuple[str, str]) -> str:

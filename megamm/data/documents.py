@@ -15,7 +15,9 @@ the leading text segment of a text->X document with probability `caption_dropout
 leaving an unconditional X document.
 
 Each example's choices come from its own RNG, seeded by (seed, example key), so the
-documents do not depend on worker count or processing order.
+documents do not depend on worker count or processing order. `split_document` is the
+inverse of `build_document`; `DatasetWriter` writes documents into train/val shards
+plus meta.json (used by tools/prepare_data.py and megamm/data/default.py alike).
 """
 from __future__ import annotations
 
@@ -117,7 +119,9 @@ def encode_examples(examples: list[Example], tokenizers, image_batch: int = 64) 
     """Run the tokenizers (a megamm.tokenizers.Tokenizers) over `examples`.
 
     Images of equal shape are encoded in batches of `image_batch` in example order;
-    each audio clip is encoded on its own, so the codes never depend on a neighbour.
+    each audio clip is encoded on its own. (Float rounding differs slightly between
+    batch shapes, which can flip a rare near-tie code, so the pipelines fix the
+    batching and run single-threaded to stay byte-identical.)
     """
     out = [EncodedExample() for _ in examples]
     for ex, enc in zip(examples, out):

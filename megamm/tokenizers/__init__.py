@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -27,6 +29,7 @@ from megamm.tokenizers.cache import build_once, cache_root
 from megamm.tokenizers.audio import AudioCodecConfig, AudioTokenizer, AudioTrainConfig
 from megamm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, ImageTrainConfig
 from megamm.tokenizers.text import TextTokenizer
+from megamm.tokenizers.training import usable_cores
 
 CACHE_VERSION = 1
 """Bump when a change to the code makes previously cached builds wrong."""
@@ -107,23 +110,44 @@ def ensure_default_tokenizers(cache_dir: str | Path | None = None,
     on first use."""
     recipe = recipe or DefaultTokenizerRecipe()
     target = cache_root(cache_dir) / f"tokenizers-{recipe.key()}"
-    return build_once(target, lambda tmp: train_default(recipe, progress).save(tmp),
+    return build_once(target, lambda tmp: train_default(recipe, tmp, progress),
                       what="the default tokenizers", progress=progress)
 
 
-def train_default(recipe: DefaultTokenizerRecipe, progress: bool = True) -> Tokenizers:
-    """Train the three tokenizers on the train split of the embedded dataset."""
+def train_default(recipe: DefaultTokenizerRecipe, out_dir: str | Path, progress: bool = True) -> None:
+    """Train the three tokenizers on the train split of the embedded dataset and save
+    them into `out_dir/{text,image,audio}`. With two usable cores the image VQ-VAE
+    trains in a second process while this one trains the audio codec (each single-
+    threaded, so the result is the same either way)."""
     from megamm.data.digits import make_split
 
+    out_dir = Path(out_dir)
     data = make_split("train", colourings=recipe.colourings, seed=recipe.seed)
     if progress:
         print(f"megamm: training tokenizers on {len(data)} spoken coloured digits", file=sys.stderr)
-    text = TextTokenizer.train(data.captions, vocab_size=recipe.text_vocab)
-    image = ImageTokenizer.train(data.images, recipe.image, recipe.image_train, progress=progress)
+    TextTokenizer.train(data.captions, vocab_size=recipe.text_vocab).save(out_dir / "text")
     step = max(1, len(data.audio) // recipe.audio_clips)
-    audio = AudioTokenizer.train(data.audio[::step][: recipe.audio_clips], recipe.audio,
-                                 recipe.audio_train, progress=progress)
-    return Tokenizers(text, image, audio)
+    clips = data.audio[::step][: recipe.audio_clips]
+    del data
+    if usable_cores() >= 2:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            image_job = pool.submit(_train_default_image, recipe, str(out_dir / "image"), progress)
+            _train_default_audio(recipe, clips, out_dir / "audio", progress)
+            image_job.result()
+    else:
+        _train_default_image(recipe, str(out_dir / "image"), progress)
+        _train_default_audio(recipe, clips, out_dir / "audio", progress)
+
+
+def _train_default_image(recipe: DefaultTokenizerRecipe, out: str, progress: bool) -> None:
+    from megamm.data.digits import make_split
+
+    data = make_split("train", colourings=recipe.colourings, seed=recipe.seed, audio=False)
+    ImageTokenizer.train(data.images, recipe.image, recipe.image_train, progress=progress).save(out)
+
+
+def _train_default_audio(recipe: DefaultTokenizerRecipe, clips, out: Path, progress: bool) -> None:
+    AudioTokenizer.train(clips, recipe.audio, recipe.audio_train, progress=progress).save(out)
 
 
 def load_for_data(data_dir: str | Path) -> Tokenizers:

@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamm.tokenizers.dsp import log_mel
+from megamm.tokenizers.dsp import mel_filters
 from megamm.tokenizers.io import load_weights, read_info, save_weights, write_info
 from megamm.tokenizers.layers import ResBlock
 from megamm.tokenizers.quantize import ResidualVQ
-from megamm.tokenizers.training import code_usage, progress_bar, warmup_cosine
+from megamm.tokenizers.training import code_usage, progress_bar, torch_threads, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class AudioCodecConfig:
     """STFT hop in samples: the rate at which the conv stacks run (100 Hz at 16 kHz)."""
     frame_stride: int = 4
     """STFT frames per code frame; hop = stft_hop * frame_stride."""
-    channels: int = 192
+    channels: int = 128
     blocks: int = 2
     """Residual blocks at each of the two rates, in the encoder and in the decoder."""
     code_dim: int = 64
@@ -71,9 +71,9 @@ class AudioCodecConfig:
 
 @dataclass(frozen=True)
 class AudioTrainConfig:
-    steps: int = 1200
+    steps: int = 1500
     batch_size: int = 16
-    crop_frames: int = 16
+    crop_frames: int = 8
     """Length of a training crop in frames (x hop samples)."""
     lr: float = 2e-3
     commitment: float = 0.25
@@ -81,6 +81,8 @@ class AudioTrainConfig:
     """Weight of the L1 waveform loss next to the multi-resolution spectral losses."""
     restart_every: int = 50
     seed: int = 0
+    threads: int = 1
+    """Intra-op torch threads while training (1: bit-identical everywhere, see torch_threads)."""
 
 
 class Codec(nn.Module):
@@ -195,40 +197,41 @@ class AudioTokenizer:
         """Fit the codec to float32 clips `[T_i]` at cfg.sample_rate: random crops of
         `crop_frames` frames, multi-resolution log-STFT + log-mel + L1 waveform losses,
         residual codebooks by EMA with dead-code restarts. Deterministic per seed."""
-        gen = torch.Generator().manual_seed(train.seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(train.seed)
-            model = Codec(cfg)
-        tok = cls(cfg, model)
-        crop = train.crop_frames * cfg.hop
-        data = torch.cat([torch.from_numpy(np.asarray(c, np.float32)) for c in clips])
-        starts_max = data.numel() - crop
-        if starts_max <= 0:
-            raise ValueError(f"audio training needs more than {crop} samples, got {data.numel()}")
-        opt = torch.optim.Adam(model.parameters(), lr=train.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, train.steps))
-        model.train()
-        bar = progress_bar(range(train.steps), "audio tokenizer", progress)
-        for step in bar:
-            starts = torch.randint(0, starts_max, (train.batch_size,), generator=gen)
-            x = data[starts[:, None] + torch.arange(crop)[None, :]]  # [B, crop]
-            z = model.encode_latent(x)  # [B, frames, D]
-            flat = z.reshape(-1, z.shape[-1])
-            zq, _, commit = model.rvq(flat, gen)
-            y = model.decode_latent(zq.reshape(z.shape))
-            wave_l1 = (y - x).abs().mean()
-            loss = train.wave_weight * wave_l1 + spectral_loss(x, y, cfg.sample_rate) + train.commitment * commit
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if (step + 1) % train.restart_every == 0 and step + 1 < train.steps * 0.9:
-                model.rvq.restart_dead_codes(flat.detach(), gen)
-            if step % 25 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", l1=f"{wave_l1.item():.4f}")
-        model.eval()
-        tok.report = {"steps": train.steps, "final_loss": round(loss.item(), 6), "seed": train.seed}
-        return tok
+        with torch_threads(train.threads):
+            gen = torch.Generator().manual_seed(train.seed)
+            with torch.random.fork_rng():
+                torch.manual_seed(train.seed)
+                model = Codec(cfg)
+            tok = cls(cfg, model)
+            crop = train.crop_frames * cfg.hop
+            data = torch.cat([torch.from_numpy(np.asarray(c, np.float32)) for c in clips])
+            starts_max = data.numel() - crop
+            if starts_max <= 0:
+                raise ValueError(f"audio training needs more than {crop} samples, got {data.numel()}")
+            opt = torch.optim.Adam(model.parameters(), lr=train.lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, train.steps))
+            model.train()
+            bar = progress_bar(range(train.steps), "audio tokenizer", progress)
+            for step in bar:
+                starts = torch.randint(0, starts_max, (train.batch_size,), generator=gen)
+                x = data[starts[:, None] + torch.arange(crop)[None, :]]  # [B, crop]
+                z = model.encode_latent(x)  # [B, frames, D]
+                flat = z.reshape(-1, z.shape[-1])
+                zq, _, commit = model.rvq(flat, gen)
+                y = model.decode_latent(zq.reshape(z.shape))
+                wave_l1 = (y - x).abs().mean()
+                loss = train.wave_weight * wave_l1 + spectral_loss(x, y, cfg.sample_rate) + train.commitment * commit
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if (step + 1) % train.restart_every == 0 and step + 1 < train.steps * 0.9:
+                    model.rvq.restart_dead_codes(flat.detach(), gen)
+                if step % 25 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", l1=f"{wave_l1.item():.4f}")
+            model.eval()
+            tok.report = {"steps": train.steps, "final_loss": round(loss.item(), 6), "seed": train.seed}
+            return tok
 
     # ---- files --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -252,13 +255,16 @@ class AudioTokenizer:
 
 
 def spectral_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int,
-                  ffts: tuple[int, ...] = (256, 512, 1024)) -> torch.Tensor:
-    """Multi-resolution L1 distance of log magnitudes plus L1 of log-mel, `[B, T]` each."""
-    loss = x.new_zeros(())
+                  ffts: tuple[int, ...] = (256, 512, 1024), n_mels: int = 64) -> torch.Tensor:
+    """Multi-resolution L1 distance of log magnitudes, plus the L1 distance of log-mel
+    spectrograms at the largest resolution, between target `x` and output `y` `[B, T]`."""
+    loss = y.new_zeros(())
     for n_fft in ffts:
         window = torch.hann_window(n_fft)
-        sx = torch.stft(x, n_fft, n_fft // 4, window=window, return_complex=True).abs()
+        with torch.no_grad():
+            sx = torch.stft(x, n_fft, n_fft // 4, window=window, return_complex=True).abs()
         sy = torch.stft(y, n_fft, n_fft // 4, window=window, return_complex=True).abs()
         loss = loss + (torch.log(sx + 1e-5) - torch.log(sy + 1e-5)).abs().mean() / len(ffts)
-    mel = (log_mel(x, sample_rate, 1024, 256, 64) - log_mel(y, sample_rate, 1024, 256, 64)).abs().mean()
+    fb = mel_filters(n_fft, n_mels, sample_rate)  # [n_mels, bins] at the last (largest) n_fft
+    mel = (torch.log((fb @ sx).clamp(min=1e-5)) - torch.log((fb @ sy).clamp(min=1e-5))).abs().mean()
     return loss + mel

@@ -55,7 +55,7 @@ def trim_silence(wave: np.ndarray, threshold: float = 0.02, pad: int = 160) -> n
 
 
 @lru_cache(maxsize=8)
-def _mel_filters(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
+def mel_filters(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
     """`[n_mels, n_fft // 2 + 1]` triangular filters on the HTK mel scale."""
     def hz_to_mel(f):
         return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
@@ -75,7 +75,7 @@ def log_mel(wave: torch.Tensor, sample_rate: int = 16000, n_fft: int = 1024, hop
     """Log-mel spectrogram of `[B, T]` float audio -> `[B, n_mels, frames]` (natural log)."""
     window = torch.hann_window(n_fft, device=wave.device)
     spec = torch.stft(wave, n_fft, hop, window=window, return_complex=True).abs()  # [B, F, frames]
-    mel = _mel_filters(n_fft, n_mels, sample_rate).to(wave.device) @ spec
+    mel = mel_filters(n_fft, n_mels, sample_rate).to(wave.device) @ spec
     return torch.log(mel.clamp(min=1e-5))
 
 

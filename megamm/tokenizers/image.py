@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from megamm.tokenizers.io import load_weights, read_info, save_weights, write_info
 from megamm.tokenizers.quantize import VectorQuantizer
 from megamm.tokenizers.layers import ResBlock
-from megamm.tokenizers.training import code_usage, progress_bar, warmup_cosine
+from megamm.tokenizers.training import code_usage, progress_bar, torch_threads, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,13 @@ class ImageTokenizerConfig:
 @dataclass(frozen=True)
 class ImageTrainConfig:
     steps: int = 1500
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     commitment: float = 0.25
     restart_every: int = 50
     seed: int = 0
+    threads: int = 1
+    """Intra-op torch threads while training (1: bit-identical everywhere, see torch_threads)."""
 
 
 class VQVAE(nn.Module):
@@ -158,36 +160,37 @@ class ImageTokenizer:
               train: ImageTrainConfig = ImageTrainConfig(), progress: bool = True) -> "ImageTokenizer":
         """Fit a VQ-VAE to uint8 `images` `[N, H, W, 3]` (MSE + commitment, Adam with a
         cosine schedule, codebook by EMA). Deterministic for the same inputs and seed."""
-        gen = torch.Generator().manual_seed(train.seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(train.seed)  # parameter init only; the caller's RNG is untouched
-            model = VQVAE(cfg)
-        tok = cls(cfg, model)
-        data = tok.to_tensor(images)  # [N, 3, S, S]
-        opt = torch.optim.Adam(model.parameters(), lr=train.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, train.steps))
-        model.train()
-        bar = progress_bar(range(train.steps), "image tokenizer", progress)
-        for step in bar:
-            x = data[torch.randint(0, len(data), (train.batch_size,), generator=gen)]
-            z = model.encode_latent(x)  # [B, g, g, D]
-            flat = z.reshape(-1, z.shape[-1])
-            zq, codes, commit = model.vq(flat, gen)
-            recon = model.decode_latent(zq.reshape(z.shape))
-            mse = F.mse_loss(recon, x)
-            loss = mse + train.commitment * commit
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if (step + 1) % train.restart_every == 0 and step + 1 < train.steps * 0.9:
-                model.vq.restart_dead_codes(flat.detach(), gen)
-            if step % 25 == 0:
-                bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-10)):.1f}",
-                                used=int((model.vq.ema_count > 0.05).sum()))
-        model.eval()
-        tok.report = {"steps": train.steps, "final_mse": round(mse.item(), 6), "seed": train.seed}
-        return tok
+        with torch_threads(train.threads):
+            gen = torch.Generator().manual_seed(train.seed)
+            with torch.random.fork_rng():
+                torch.manual_seed(train.seed)  # parameter init only; the caller's RNG is untouched
+                model = VQVAE(cfg)
+            tok = cls(cfg, model)
+            data = tok.to_tensor(images)  # [N, 3, S, S]
+            opt = torch.optim.Adam(model.parameters(), lr=train.lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, train.steps))
+            model.train()
+            bar = progress_bar(range(train.steps), "image tokenizer", progress)
+            for step in bar:
+                x = data[torch.randint(0, len(data), (train.batch_size,), generator=gen)]
+                z = model.encode_latent(x)  # [B, g, g, D]
+                flat = z.reshape(-1, z.shape[-1])
+                zq, codes, commit = model.vq(flat, gen)
+                recon = model.decode_latent(zq.reshape(z.shape))
+                mse = F.mse_loss(recon, x)
+                loss = mse + train.commitment * commit
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if (step + 1) % train.restart_every == 0 and step + 1 < train.steps * 0.9:
+                    model.vq.restart_dead_codes(flat.detach(), gen)
+                if step % 25 == 0:
+                    bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-10)):.1f}",
+                                    used=int((model.vq.ema_count > 0.05).sum()))
+            model.eval()
+            tok.report = {"steps": train.steps, "final_mse": round(mse.item(), 6), "seed": train.seed}
+            return tok
 
     # ---- files --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

@@ -194,6 +194,10 @@ def run(args: TrainArgs) -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     topo = Topology.for_world(world)
     device = torch.device(acc.device_name(acc.current_device()))
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # ranks on one machine share its cores; oversubscribed threads crawl
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     vocab = Vocab(cfg.vocab, tp=topo.tp)
 
     data_dir = resolve_data_dir(args, rank)

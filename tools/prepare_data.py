@@ -1,0 +1,372 @@
+#!/usr/bin/env python
+"""Turn a JSONL manifest of text / image / audio examples into train/val token
+shards and a meta.json that launch/train.py reads with --data OUT.
+
+    python tools/prepare_data.py MANIFEST.jsonl --out DIR [--tokenizers DIR] [--strict]
+        [--workers N] [--val-fraction F] [--seed S] [--mix text_image=1,image_text=1,...]
+        [--caption-dropout P]
+
+One JSON object per line, paths relative to the manifest's folder:
+
+    {"text": "a red two", "image": "img/0001.png", "audio": "wav/0001.wav"}
+    {"text": "...", "image": "img/0002.npy", "split": "val"}
+
+Any subset of the keys works (documents are drawn from the templates the example can
+fill, see megamm/data/documents.py); "split" pins an example to train or val,
+otherwise --val-fraction decides by a fixed draw per line. Images: .npy (uint8 [H, W, 3],
+[H, W] or [H, W, 4]) always, other formats when Pillow is installed. Audio: PCM .wav,
+mixed to mono, resampled to the tokenizer's rate when it differs (reported).
+
+Bad lines (bad JSON, missing or unreadable file, empty caption, ...) are skipped and
+reported with their line numbers; --strict turns the first one into an error (one
+line, exit status 2). Without --tokenizers the default tokenizers are used (trained and
+cached on first use). Same inputs and options give byte-identical shards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CHUNK = 32
+"""Manifest lines per worker task; fixed, so output does not depend on --workers."""
+MAX_LISTED = 20
+
+
+class PrepareError(Exception):
+    """Fatal problem with the inputs; main() prints it as one line."""
+
+
+class BadLine(Exception):
+    """A manifest line that cannot become an example."""
+
+
+@dataclass
+class Issue:
+    line: int
+    message: str
+    fatal_only_in_strict: bool = False
+    """True for problems that were repaired (e.g. resampled audio): the line is kept."""
+
+
+@dataclass
+class Report:
+    lines: int = 0
+    examples: int = 0
+    skipped: list[Issue] = field(default_factory=list)
+    repaired: list[Issue] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ---- reading one line -------------------------------------------------------------------
+def parse_line(text: str, line_no: int) -> dict:
+    """One manifest line -> its record; raises BadLine."""
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadLine(f"bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise BadLine(f"expected a JSON object, got {type(rec).__name__}")
+    unknown = sorted(set(rec) - {"text", "image", "audio", "split", "id"})
+    if unknown:
+        raise BadLine(f"unknown key(s) {unknown}")
+    if not any(k in rec for k in ("text", "image", "audio")):
+        raise BadLine("no 'text', 'image' or 'audio' key")
+    if "text" in rec:
+        if not isinstance(rec["text"], str):
+            raise BadLine("'text' must be a string")
+        if not rec["text"].strip():
+            raise BadLine("empty caption")
+    for key in ("image", "audio"):
+        if key in rec and (not isinstance(rec[key], str) or not rec[key]):
+            raise BadLine(f"'{key}' must be a non-empty path string")
+    if rec.get("split", "train") not in ("train", "val"):
+        raise BadLine(f"'split' must be 'train' or 'val', got {rec['split']!r}")
+    return rec
+
+
+def load_image(path: Path) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3]; raises BadLine."""
+    if not path.is_file():
+        raise BadLine(f"missing image file {str(path)!r}")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any decoding failure is a bad line
+            raise BadLine(f"unreadable image {str(path)!r} ({type(e).__name__})") from None
+    else:
+        try:
+            from PIL import Image
+        except ImportError:
+            raise BadLine(f"cannot read {path.suffix or 'extension-less'} image {str(path)!r} without "
+                          "Pillow (pip install pillow), or save it as .npy") from None
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001
+            raise BadLine(f"unreadable image {str(path)!r} ({type(e).__name__})") from None
+    return _as_rgb(arr, path)
+
+
+def _as_rgb(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and 0.0 <= arr.min() and arr.max() <= 1.0:
+            arr = np.rint(arr * 255).astype(np.uint8)
+        else:
+            raise BadLine(f"image {str(path)!r} has dtype {arr.dtype}; expected uint8 (or float in [0, 1])")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
+        raise BadLine(f"image {str(path)!r} has shape {list(arr.shape)}; expected [H, W, 3]")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def load_audio(path: Path, sample_rate: int) -> tuple[np.ndarray, str | None]:
+    """A PCM .wav -> (float32 mono [T] at `sample_rate`, note if it was resampled)."""
+    from megamm.tokenizers.dsp import resample
+
+    if not path.is_file():
+        raise BadLine(f"missing audio file {str(path)!r}")
+    try:
+        with wave.open(str(path), "rb") as w:
+            rate, width, channels = w.getframerate(), w.getsampwidth(), w.getnchannels()
+            raw = w.readframes(w.getnframes())
+    except (wave.Error, EOFError, OSError) as e:
+        raise BadLine(f"unreadable audio {str(path)!r} ({e or type(e).__name__})") from None
+    if width == 1:
+        pcm = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 2:
+        pcm = np.frombuffer(raw, "<i2").astype(np.float32) / 32768
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        pcm = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 8388608
+    elif width == 4:
+        pcm = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648
+    else:
+        raise BadLine(f"audio {str(path)!r} has {8 * width}-bit samples; expected 8/16/24/32-bit PCM")
+    pcm = pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1)
+    if pcm.size == 0:
+        raise BadLine(f"empty audio {str(path)!r}")
+    if rate != sample_rate:
+        return resample(pcm, rate, sample_rate), f"resampled audio {str(path)!r} from {rate} Hz to {sample_rate} Hz"
+    return pcm.astype(np.float32), None
+
+
+# ---- workers ----------------------------------------------------------------------------
+_worker_tokenizers = None  # set once per worker process by _init_worker
+
+
+def _init_worker(tokenizers_dir: str) -> None:
+    import torch
+
+    from megamm.tokenizers import Tokenizers
+
+    global _worker_tokenizers
+    torch.set_num_threads(1)  # parallelism comes from processes; 1 thread = the same codes everywhere
+    _worker_tokenizers = Tokenizers.load(tokenizers_dir)
+
+
+def encode_chunk(task: tuple[str, list[tuple[int, dict]]], toks=None):
+    """Load and encode one chunk of records -> [(line, EncodedExample | None, [Issue])].
+    `toks`: the tokenizers (default: those _init_worker loaded in this worker)."""
+    from megamm.data.documents import Example, encode_examples
+
+    base, items = task
+    toks = toks or _worker_tokenizers
+    loaded, out = [], []
+    for line_no, rec in items:
+        issues: list[Issue] = []
+        try:
+            ex = Example(text=rec.get("text"))
+            if "image" in rec:
+                ex.image = load_image(Path(base) / rec["image"])
+            if "audio" in rec:
+                ex.audio, note = load_audio(Path(base) / rec["audio"], toks.audio.sample_rate)
+                if note:
+                    issues.append(Issue(line_no, note, fatal_only_in_strict=True))
+        except BadLine as e:
+            out.append((line_no, None, [Issue(line_no, str(e))]))
+            continue
+        loaded.append((line_no, ex, issues))
+    encoded = encode_examples([ex for _, ex, _ in loaded], toks)
+    out += [(line_no, enc, issues) for (line_no, _, issues), enc in zip(loaded, encoded)]
+    return sorted(out, key=lambda r: r[0])
+
+
+# ---- the whole run ----------------------------------------------------------------------
+def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, strict: bool = False,
+            workers: int = 1, val_fraction: float = 0.05, seed: int = 0, mix=None,
+            progress: bool = True) -> Report:
+    """Manifest -> shards + meta.json in `out`. Raises PrepareError on fatal problems."""
+    from tqdm import tqdm
+
+    from megamm.data.documents import DatasetWriter, DocumentMix, build_document, example_rng, split_of
+    from megamm.tokenizers import Tokenizers, ensure_default_tokenizers
+    from megamm.vocab import Vocab
+
+    start = time.perf_counter()
+    mix = mix or DocumentMix()
+    if not 0.0 <= val_fraction < 1.0:
+        raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not manifest.is_file():
+        raise PrepareError(f"manifest not found: {manifest}")
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{manifest}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+    report = Report()
+    records: list[tuple[int, dict]] = []
+    for line_no, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        report.lines += 1
+        try:
+            records.append((line_no, parse_line(text, line_no)))
+        except BadLine as e:
+            _add_issue(report, Issue(line_no, str(e)), strict, manifest)
+    if report.lines == 0:
+        raise PrepareError(f"{manifest}: no examples (the manifest is empty)")
+
+    if tokenizers_dir is None:
+        tokenizers_dir = ensure_default_tokenizers(progress=progress)
+    elif not Path(tokenizers_dir).is_dir():
+        raise PrepareError(f"tokenizer directory not found: {tokenizers_dir}")
+    try:
+        toks = Tokenizers.load(tokenizers_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise PrepareError(f"cannot load tokenizers from {tokenizers_dir}: {e}") from None
+    vocab = Vocab(toks.vocab_config())
+
+    pinned_split = {line_no: rec.get("split") for line_no, rec in records}
+    base = str(manifest.resolve().parent)
+    tasks = [(base, records[i:i + CHUNK]) for i in range(0, len(records), CHUNK)]
+    writer = DatasetWriter(out, vocab)
+    pool = None
+    try:
+        if workers > 1 and len(tasks) > 1:
+            pool = mp.get_context("spawn").Pool(min(workers, len(tasks)), _init_worker, (str(tokenizers_dir),))
+            results = pool.imap(encode_chunk, tasks)
+        else:
+            results = _inline(tasks, toks)
+        bar = tqdm(total=len(records), desc="prepare", unit="ex", file=sys.stderr, disable=not progress,
+                   dynamic_ncols=True, mininterval=0.5)
+        for chunk in results:
+            for line_no, enc, issues in chunk:
+                for issue in issues:
+                    _add_issue(report, issue, strict, manifest)
+                if enc is None:
+                    continue
+                doc = build_document(enc, vocab, mix, example_rng(seed, line_no))
+                if doc is None:
+                    _add_issue(report, Issue(line_no, f"no template with a positive weight fits its "
+                                                      f"modalities {sorted(enc.modalities)}"), strict, manifest)
+                    continue
+                split = pinned_split.get(line_no) or split_of(seed, line_no, val_fraction)
+                writer.add(split, doc[0], doc[1])
+                report.examples += 1
+            bar.update(len(chunk))
+        bar.close()
+        if report.examples == 0:
+            raise PrepareError(f"{manifest}: no usable examples ({len(report.skipped)} bad line(s); "
+                               f"first: line {report.skipped[0].line}: {report.skipped[0].message})"
+                               if report.skipped else f"{manifest}: no usable examples")
+        report.meta = writer.close(tokenizers_dir, extra={
+            "source": str(manifest), "seed": seed, "val_fraction": val_fraction, "mix": mix.to_dict(),
+            "skipped_lines": sorted(i.line for i in report.skipped)})
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _inline(tasks, toks):
+    """encode_chunk over `tasks` in this process, single-threaded like the workers."""
+    from megamm.tokenizers.training import torch_threads
+
+    for task in tasks:
+        with torch_threads(1):
+            result = encode_chunk(task, toks)
+        yield result
+
+
+def _add_issue(report: Report, issue: Issue, strict: bool, manifest: Path) -> None:
+    if strict:
+        raise PrepareError(f"{manifest}:{issue.line}: {issue.message} (--strict)")
+    (report.repaired if issue.fatal_only_in_strict else report.skipped).append(issue)
+
+
+def summarise(report: Report) -> str:
+    m = report.meta
+    rate = report.examples / max(report.seconds, 1e-9)
+    out = [f"wrote {m['documents']['train']} train + {m['documents']['val']} val documents "
+           f"({m['tokens']['train']} + {m['tokens']['val']} tokens) from {report.examples} examples "
+           f"in {report.seconds:.1f} s ({rate:.0f} examples/s)",
+           "tokens per modality: " + ", ".join(f"{k} {v}" for k, v in m["tokens_per_modality"].items()),
+           "templates: " + ", ".join(f"{k} {v}" for k, v in m["templates"].items())]
+    if m["documents"]["val"] == 0:
+        out.append("note: no val documents (raise --val-fraction or pin lines with \"split\": \"val\")")
+    for title, issues in (("skipped", report.skipped), ("repaired", report.repaired)):
+        issues = sorted(issues, key=lambda i: i.line)
+        if issues:
+            out.append(f"{title} {len(issues)} line(s):")
+            out += [f"  line {i.line}: {i.message}" for i in issues[:MAX_LISTED]]
+            if len(issues) > MAX_LISTED:
+                out.append(f"  ... and {len(issues) - MAX_LISTED} more")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("manifest", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokenizers", type=Path, default=None,
+                    help="tokenizer directory (text/, image/, audio/); default: the embedded dataset's")
+    ap.add_argument("--strict", action="store_true", help="any bad line is fatal")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mix", default=None, help="template weights, e.g. text_image=1,image_text=1,image=0.2")
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+
+    from megamm.data.documents import DocumentMix
+
+    try:
+        if args.workers < 1:
+            raise PrepareError(f"--workers must be >= 1, got {args.workers}")
+        try:
+            mix = (DocumentMix.parse(args.mix, args.caption_dropout) if args.mix
+                   else DocumentMix(caption_dropout=args.caption_dropout))
+        except ValueError as e:
+            raise PrepareError(f"--mix/--caption-dropout: {e}") from None
+        report = prepare(args.manifest, args.out, args.tokenizers, args.strict, args.workers,
+                         args.val_fraction, args.seed, mix, progress=not args.quiet)
+    except PrepareError as e:
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prepare_data: interrupted", file=sys.stderr)
+        return 130
+    print(summarise(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
