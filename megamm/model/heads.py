@@ -95,7 +95,7 @@ class OutputHead(nn.Module):
         counted = self.vocab.counted_targets(states, targets, grammar, self.column_table)
         ce = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
         z = torch.zeros_like(ce)
-        if self.cfg.loss_scope == "full":
+        if not grammar:  # loss_scope "full"
             logits = F.linear(h, self.weight).float()
             lse = torch.logsumexp(logits, -1)
             ce = lse - logits.gather(-1, targets[:, None]).squeeze(-1)

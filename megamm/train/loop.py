@@ -148,23 +148,29 @@ def build_engine(cfg: ModelConfig, ds_cfg: dict, args: TrainArgs, device: torch.
     return engine, sched
 
 
+def _modality_stats(out) -> torch.Tensor:
+    """[2M] float64 on CPU: per-modality summed cross-entropy, then per-modality counts."""
+    return torch.cat([out.modality_sum.double().cpu(), out.modality_count.double().cpu()])
+
+
+def _loss_record(stats: torch.Tensor, prefix: str) -> dict:
+    """Token-mean losses (overall and per modality) from summed _modality_stats."""
+    m = len(MODALITY_NAMES)
+    rec = {f"{prefix}loss": float(stats[:m].sum() / stats[m:].sum().clamp(min=1))}
+    for i, name in enumerate(MODALITY_NAMES):
+        if stats[m + i] > 0:
+            rec[f"{prefix}loss_{name}"] = float(stats[i] / stats[m + i])
+    return rec
+
+
 def evaluate(engine, batches, device) -> dict:
     engine.eval()
-    sums = torch.zeros(2 + 2 * len(MODALITY_NAMES), dtype=torch.float64)
+    stats = torch.zeros(2 * len(MODALITY_NAMES), dtype=torch.float64)
     with torch.no_grad():
         for inputs, targets in batches:
-            out = engine(inputs.to(device), targets.to(device))
-            n = out.modality_count.sum().double().cpu()
-            sums += torch.cat([(out.loss.double().cpu() * n).view(1), n.view(1),
-                               out.modality_sum.double().cpu(), out.modality_count.double().cpu()])
+            stats += _modality_stats(engine(inputs.to(device), targets.to(device)))
     engine.train()
-    sums = _all_reduce_sum(sums.to(device)).cpu()
-    m = len(MODALITY_NAMES)
-    rec = {"val_loss": float(sums[0] / sums[1].clamp(min=1))}
-    for i, name in enumerate(MODALITY_NAMES):
-        if sums[2 + m + i] > 0:
-            rec[f"val_loss_{name}"] = float(sums[2 + i] / sums[2 + m + i])
-    return rec
+    return _loss_record(_all_reduce_sum(stats.to(device)).cpu(), "val_")
 
 
 def run(args: TrainArgs) -> list[dict]:
@@ -238,7 +244,6 @@ def run(args: TrainArgs) -> list[dict]:
         bar = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True)
 
     records = []
-    m = len(MODALITY_NAMES)
     grammar, table = cfg.loss_scope == "modality", vocab.column_table()
     while step < args.max_steps:
         t0 = time.perf_counter()
@@ -249,21 +254,17 @@ def run(args: TrainArgs) -> list[dict]:
         counts = torch.tensor([float(vocab.counted_targets(vocab.states(x), y, grammar, table).sum())
                                for x, y in batches], dtype=torch.float64)
         global_count = float(_all_reduce_sum(counts.sum().view(1).to(device)).cpu())
-        stats = torch.zeros(2 * m, dtype=torch.float64)
+        stats = torch.zeros(2 * len(MODALITY_NAMES), dtype=torch.float64)
         for (inputs, targets), n in zip(batches, counts.tolist()):
             out = engine(inputs.to(device), targets.to(device))
             engine.backward(out.loss * (n * gas * topo.dp / max(global_count, 1.0)))
             engine.step()
-            stats += torch.cat([out.modality_sum.double().cpu(), out.modality_count.double().cpu()])
+            stats += _modality_stats(out)
         step += 1
         stats = _all_reduce_sum(stats.to(device)).cpu()
         dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": float(stats[:m].sum() / stats[m:].sum().clamp(min=1)),
-               "lr": float(engine.get_lr()[0]), "tokens_per_s": tokens_per_step / dt,
-               "step_time_s": dt}
-        for i, name in enumerate(MODALITY_NAMES):
-            if stats[m + i] > 0:
-                rec[f"loss_{name}"] = float(stats[i] / stats[m + i])
+        rec = {"step": step, **_loss_record(stats, ""), "lr": float(engine.get_lr()[0]),
+               "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
         gn = engine.get_global_grad_norm()
         if gn is not None:
             rec["grad_norm"] = float(gn)
