@@ -42,7 +42,7 @@ class Tokenizers(NamedTuple):
     image: ImageTokenizer
     audio: AudioTokenizer
 
-    def vocab_config(self, n_special: int = 16, pad_multiple: int = 128) -> VocabConfig:
+    def vocab_config(self, n_special: int = 16, pad_multiple: int = 1024) -> VocabConfig:
         """The unified vocabulary these tokenizers fill."""
         return VocabConfig(text_size=self.text.size, n_special=n_special,
                            image_codes=self.image.codebook_size, image_tokens=self.image.tokens_per_image,
@@ -150,14 +150,26 @@ def _train_default_audio(recipe: DefaultTokenizerRecipe, clips, out: Path, progr
     AudioTokenizer.train(clips, recipe.audio, recipe.audio_train, progress=progress).save(out)
 
 
-def load_for_data(data_dir: str | Path) -> Tokenizers:
-    """The tokenizers a prepared data directory names in its meta.json (a path
-    relative to that directory, or absolute)."""
+def tokenizers_dir_of(data_dir: str | Path) -> Path | None:
+    """Absolute path of the tokenizers a prepared data directory names in its meta.json
+    (stored relative to that directory, or absolute); None if it names none."""
     data_dir = Path(data_dir)
-    meta = json.loads((data_dir / "meta.json").read_text())
-    return Tokenizers.load(data_dir / meta["tokenizers"])
+    try:
+        tok = json.loads((data_dir / "meta.json").read_text()).get("tokenizers")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return (data_dir / tok).resolve() if tok else None
+
+
+def load_for_data(data_dir: str | Path) -> Tokenizers:
+    """The tokenizers a prepared data directory names in its meta.json."""
+    tok = tokenizers_dir_of(data_dir)
+    if tok is None:
+        raise FileNotFoundError(f"{Path(data_dir) / 'meta.json'} names no tokenizers")
+    return Tokenizers.load(tok)
 
 
 __all__ = ["TextTokenizer", "ImageTokenizer", "AudioTokenizer", "Tokenizers", "ImageTokenizerConfig",
            "ImageTrainConfig", "AudioCodecConfig", "AudioTrainConfig", "DefaultTokenizerRecipe",
-           "load_default", "ensure_default_tokenizers", "train_default", "load_for_data", "cache_root"]
+           "load_default", "ensure_default_tokenizers", "train_default", "load_for_data", "tokenizers_dir_of",
+           "cache_root"]

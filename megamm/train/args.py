@@ -36,11 +36,18 @@ class TrainArgs:
     kernels: str | None = None
     log_interval: int = 1
     progress: bool = True
+    tp: int = 1
+    """Tensor-parallel degree; data parallelism is the rest of the world."""
+    pp: int = 1
+    """Pipeline-parallel degree (needs ZeRO stage 0 or 1)."""
+    sequence_parallel: bool = False
+    """Keep norms and residuals split along the sequence inside the tp group."""
 
     def __post_init__(self):
         checks = {"max_steps": self.max_steps >= 1, "warmup": self.warmup >= 0,
                   "save_interval": self.save_interval >= 0, "eval_interval": self.eval_interval >= 0,
-                  "eval_batches": self.eval_batches >= 1, "log_interval": self.log_interval >= 1}
+                  "eval_batches": self.eval_batches >= 1, "log_interval": self.log_interval >= 1,
+                  "tp": self.tp >= 1, "pp": self.pp >= 1}
         for name in ("seq_len", "micro_batch", "grad_accum"):
             if getattr(self, name) is not None:
                 checks[name] = getattr(self, name) >= 1
@@ -81,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     a("--activation-checkpointing", dest="activation_checkpointing", action="store_const", const=True)
     a("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const", const=False)
     a("--kernels", choices=["auto", "triton", "torch"])
+    a("--tp", type=int, default=1, help="tensor-parallel degree")
+    a("--pp", type=int, default=1, help="pipeline-parallel degree (ZeRO stage 0/1 only)")
+    a("--sequence-parallel", action="store_true", help="split norms/residuals along the sequence (tp > 1)")
     a("--log-interval", type=int, default=1)
     a("--no-progress", dest="progress", action="store_false")
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed

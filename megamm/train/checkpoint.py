@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from megamm.config import ConfigError, ModelConfig
+from megamm.parallel.distributed import barrier
+from megamm.parallel.tensor_parallel import merge_shards
 
 META_FILE = "megamm.json"
 LATEST = "latest"
@@ -28,13 +30,6 @@ LATEST = "latest"
 
 class CheckpointError(ConfigError):
     """A checkpoint that is missing or unreadable."""
-
-
-def _barrier():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -75,12 +70,12 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int)
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)  # debris of a killed save
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(save_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
     if rank == 0:
         (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=1))
-    _barrier()
+    barrier()
     if rank == 0:
         _fsync_tree(tmp_dir)
         old = save_dir / f".old-{tag}"
@@ -90,7 +85,7 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int)
         os.replace(tmp_dir, final_dir)
         _write_atomic(save_dir / LATEST, tag)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final_dir
 
 
@@ -137,18 +132,60 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole model from a DeepSpeed checkpoint of any ZeRO stage."""
+    """fp32 weights of the whole plain model from a checkpoint of any layout: each
+    tensor-parallel rank's state (from the ZeRO partitions, the model file, or the
+    pipeline's per-layer files) under plain-model names, then the shards merged."""
     meta = read_meta(ckpt)
-    if meta.get("zero_stage", 0) > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    layout = meta.get("topology", {})
+    tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
+    n_layers = ModelConfig.from_dict(meta["model"]).n_layers
+    shards = [_tp_rank_state(ckpt, int(meta.get("zero_stage", 0)), pp, r, n_layers) for r in range(tp)]
+    return {k: v.float() for k, v in merge_shards(shards).items()}
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    else:
-        files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise CheckpointError(f"{ckpt}: no model states file")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in sd.items()}
+
+def _tp_rank_state(ckpt: Path, zero_stage: int, pp: int, tp_rank: int, n_layers: int) -> dict:
+    if pp > 1:  # ZeRO 0/1: every layer file holds its module weights
+        from megamm.parallel.pipeline import plain_name
+
+        sd = {}
+        for f in sorted(ckpt.glob("layer_*-model_states.pt")):
+            parts = f.name.split("-")
+            if any(p.startswith("model_") and p != f"model_{tp_rank:02d}" for p in parts):
+                continue
+            layer = int(parts[0].removeprefix("layer_"))
+            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+                sd[plain_name(layer, n_layers, k)] = v
+        if not sd:
+            raise CheckpointError(f"{ckpt}: no pipeline layer files for tensor-parallel rank {tp_rank}")
+        return sd
+    if zero_stage > 0:  # the fp32 master weights, gathered from the ZeRO partitions of this tp rank
+        return _zero_fp32(ckpt, tp_rank)
+    f = ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt"
+    if not f.is_file():
+        raise CheckpointError(f"{ckpt}: missing {f.name}")
+    return torch.load(f, map_location="cpu", weights_only=False)["module"]
+
+
+def _zero_fp32(ckpt: Path, tp_rank: int) -> dict:
+    """DeepSpeed's zero_to_fp32 over the files of one tensor-parallel rank (it reads
+    every file in a directory, so it is shown a directory of links to just those)."""
+    import contextlib
+    import io
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    mine = f"mp_rank_{tp_rank:02d}"
+    with tempfile.TemporaryDirectory() as tmp:
+        view = Path(tmp) / "view"
+        view.mkdir()
+        for f in ckpt.iterdir():
+            if mine in f.name:
+                (view / f.name.replace(mine, "mp_rank_00")).symlink_to(f.resolve())
+        if not any(view.iterdir()):
+            raise CheckpointError(f"{ckpt}: no files of tensor-parallel rank {tp_rank}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag="view")
 
 
 def load_model(path):
@@ -161,7 +198,6 @@ def load_model(path):
     with torch.device("meta"):
         model = Transformer(config, device="meta")
     model.to_empty(device="cpu")
-    model.init_weights()  # fills buffers; every parameter is overwritten below
     sd = consolidated_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
