@@ -2,6 +2,7 @@
 """Training throughput (tokens/s, and MFU on GPU) of a preset under a DeepSpeed config.
 
     python benchmarks/train_throughput.py --model tiny --ds_config zero3_offload.json
+    deepspeed --num_gpus 4 benchmarks/train_throughput.py --ds_config zero1_3d.json --tp 2 --pp 2
     deepspeed --num_gpus 8 benchmarks/train_throughput.py --model 8b --ds_config zero3_offload.json --seq-len 4096
 
 Runs the real trainer (megamm.train.loop.run) on synthetic grammar-valid data (or
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--out", help="result JSON path (default under benchmarks/results/)")
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
                                            get_preset(a.model).vocab, n_train=4000, n_val=8)
         args = TrainArgs(ds_config=a.ds_config, model=a.model, data=str(data), seq_len=a.seq_len,
                          micro_batch=a.micro_batch, grad_accum=a.grad_accum, precision=a.precision,
-                         max_steps=a.steps, warmup=1, progress=False)
+                         max_steps=a.steps, warmup=1, progress=False, tp=a.tp, pp=a.pp,
+                         sequence_parallel=a.sequence_parallel)
         records = run(args)
     if not records:  # not rank 0
         return 0
@@ -71,6 +76,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "train_throughput",
         "model": a.model, "ds_config": a.ds_config,
+        "layout": {"tp": a.tp, "pp": a.pp, "sequence_parallel": a.sequence_parallel},
         "device": device_name(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "tokens_per_s": tok_s,
         "step_time_s": statistics.median(r["step_time_s"] for r in timed),
@@ -88,7 +94,8 @@ def main(argv=None) -> int:
     }
     print(json.dumps(result, indent=1))
     kind = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(a.out) if a.out else RESULTS / f"train_throughput-{kind}-{a.model}-{Path(a.ds_config).stem}.json"
+    layout = "" if a.tp == a.pp == 1 else f"-tp{a.tp}pp{a.pp}" + ("sp" if a.sequence_parallel else "")
+    out = Path(a.out) if a.out else RESULTS / f"train_throughput-{kind}-{a.model}-{Path(a.ds_config).stem}{layout}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

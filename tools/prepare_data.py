@@ -211,7 +211,8 @@ def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, stric
     from tqdm import tqdm
 
     from megamm.data.documents import DatasetWriter, DocumentMix, build_document, example_rng, split_of
-    from megamm.tokenizers import Tokenizers, ensure_default_tokenizers
+    from megamm.data.default import ensure_default_tokenizers
+    from megamm.tokenizers import Tokenizers
     from megamm.vocab import Vocab
 
     start = time.perf_counter()
@@ -297,7 +298,7 @@ def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, stric
 
 def _inline(tasks, toks):
     """encode_chunk over `tasks` in this process, single-threaded like the workers."""
-    from megamm.tokenizers.training import torch_threads
+    from megamm.runtime import torch_threads
 
     for task in tasks:
         with torch_threads(1):

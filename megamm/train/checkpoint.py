@@ -149,8 +149,8 @@ def _tp_rank_state(ckpt: Path, zero_stage: int, pp: int, tp_rank: int, n_layers:
 
         sd = {}
         for f in sorted(ckpt.glob("layer_*-model_states.pt")):
-            parts = f.name.split("-")
-            if any(p.startswith("model_") and p != f"model_{tp_rank:02d}" for p in parts):
+            parts = f.name.split("-")  # layer_XX[-model_YY]-model_states.pt
+            if any(p.startswith("model_") and p != f"model_{tp_rank:02d}" for p in parts[1:-1]):
                 continue
             layer = int(parts[0].removeprefix("layer_"))
             for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
@@ -184,7 +184,7 @@ def _zero_fp32(ckpt: Path, tp_rank: int) -> dict:
                 (view / f.name.replace(mine, "mp_rank_00")).symlink_to(f.resolve())
         if not any(view.iterdir()):
             raise CheckpointError(f"{ckpt}: no files of tensor-parallel rank {tp_rank}")
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return get_fp32_state_dict_from_zero_checkpoint(tmp, tag="view")
 
 

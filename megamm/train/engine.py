@@ -143,8 +143,7 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
           if topo.tp > 1 else None)
     scheduler = None
     if "scheduler" not in ds_cfg and lr_lambda is not None:
-        def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # noqa: E731
     pipeline_loss = None
     if topo.pp > 1:
         from megamm.parallel.pipeline import build_pipeline

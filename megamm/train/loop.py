@@ -18,7 +18,7 @@ from megamm.data.loader import PackedLoader, open_split, validation_batches
 from megamm.parallel import Topology
 from megamm.parallel.distributed import barrier, init_distributed
 from megamm.tokenizers import tokenizers_dir_of
-from megamm.tokenizers.training import warmup_cosine
+from megamm.schedule import warmup_cosine
 from megamm.train import checkpoint, ds_config
 from megamm.train.args import TrainArgs
 from megamm.train.engine import Trainer, build_trainer, check_layout
@@ -50,7 +50,7 @@ def describe(cfg: ModelConfig, ds_cfg: dict, topo: Topology, args: TrainArgs) ->
     counts = cfg.parameter_counts()
     n, tp, pp = counts["total"], topo.tp, topo.pp
     mb, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
-    per_rank = (n - counts["blocks"]) // tp + counts["blocks"] // (tp * pp)
+    per_rank = n // (tp * pp)  # stages are balanced by parameters
     lines = [
         f"parameters: {n:,}",
         f"model: {args.model}  layers={cfg.n_layers} d_model={cfg.d_model} heads={cfg.n_heads} "
