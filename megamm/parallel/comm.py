@@ -37,82 +37,48 @@ def _own_chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x.view_as(x)
 
 
-class _ReduceFromTP(torch.autograd.Function):
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+class _Collective(torch.autograd.Function):
+    """forward(x) = fwd(x, group); backward(g) = bwd(g, group) (its adjoint)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
+    def forward(ctx, x, group, fwd, bwd):
+        ctx.group, ctx.bwd = group, bwd
+        return fwd(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
-
-
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, 1, ctx.group), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, 1, ctx.group), None
-
-
-class _GatherLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, x.dim() - 1, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _own_chunk(g, g.dim() - 1, ctx.group), None
+        return ctx.bwd(g, ctx.group), None, None, None
 
 
 def copy_to_tp(x, group):
-    return _CopyToTP.apply(x, group)
+    return _Collective.apply(x, group, _identity, _all_reduce)
 
 
 def reduce_from_tp(x, group):
-    return _ReduceFromTP.apply(x, group)
+    return _Collective.apply(x, group, _all_reduce, _identity)
 
 
 def gather_seq(x, group):
-    return _GatherSeq.apply(x, group)
+    return _Collective.apply(x, group, lambda t, g: _all_gather(t, 1, g), lambda t, g: _reduce_scatter(t, 1, g))
 
 
 def reduce_scatter_seq(x, group):
-    return _ReduceScatterSeq.apply(x, group)
+    return _Collective.apply(x, group, lambda t, g: _reduce_scatter(t, 1, g), lambda t, g: _all_gather(t, 1, g))
 
 
 def gather_last(x, group):
-    return _GatherLast.apply(x, group)
+    return _Collective.apply(x, group, lambda t, g: _all_gather(t, t.dim() - 1, g),
+                             lambda t, g: _own_chunk(t, t.dim() - 1, g))
 
 
 def seq_chunk(x: torch.Tensor, group) -> torch.Tensor:
