@@ -32,10 +32,14 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
         block.forward = checkpointed
 
 
-def build_transformer(cfg: ModelConfig, device, seed: int, tp: TensorParallel | None = None) -> Transformer:
-    """The whole model (pp = 1) for this rank: the plain model, or its tensor-parallel shard."""
+def build_transformer(cfg: ModelConfig, device, seed: int, tp: TensorParallel | None = None,
+                      dtype: torch.dtype | None = None) -> Transformer:
+    """The whole model (pp = 1) for this rank: the plain model, or its tensor-parallel
+    shard; allocated directly in `dtype` when given (values drawn in fp32, then rounded)."""
     with torch.device("meta"):
         model = Transformer(cfg, device="meta")
+        if dtype is not None:
+            model.to(dtype)
     if tp is not None:
         parallelize(model, tp)
     materialize(model, device, seed)

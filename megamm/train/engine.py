@@ -152,10 +152,13 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
         engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, lr_scheduler=scheduler,
                                                model_parameters=[p for p in model.parameters() if p.requires_grad])
     else:
-        model = build_transformer(cfg, device, seed, tp)
-        if ds_config.zero_stage(ds_cfg) == 3:  # partition now, as zero.Init would while building
-            model.to(_dtype(ds_cfg))
+        if ds_config.zero_stage(ds_cfg) == 3:
+            # built on the host in the training precision (never whole on the accelerator),
+            # then partitioned over data parallel as zero.Init would have while building
+            model = build_transformer(cfg, "cpu", seed, tp, dtype=_dtype(ds_cfg))
             deepspeed.zero.Init(module=model, config_dict_or_path=ds_cfg, data_parallel_group=groups.dp_group)
+        else:
+            model = build_transformer(cfg, device, seed, tp)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
                                                mpu=groups, lr_scheduler=scheduler)
     vocab = Vocab(cfg.vocab)
