@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ from megamm.config import ModelConfig, get_preset
 from megamm.data.loader import PackedLoader, open_split, validation_batches
 from megamm.model import Transformer
 from megamm.parallel import Topology
+from megamm.parallel import cluster
 from megamm.train import checkpoint, ds_config
+from megamm.train.preemption import Preempted, StopRequest
 from megamm.train.args import TrainArgs
 from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops
 from megamm.vocab import MODALITY_NAMES, Vocab
@@ -193,11 +196,14 @@ def run(args: TrainArgs) -> list[dict]:
     backend = acc.communication_backend_name()
     if backend == "ccl":  # the CPU accelerator prefers oneCCL; gloo is what a CPU wheel has
         backend = "gloo"
+    cluster.set_rank_env(os.environ)  # srun tasks: RANK & co. from SLURM's variables
     _single_process_env()
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=args.dist_timeout),
+                               distributed_port=cluster.mpi_port(os.environ))
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    stop = StopRequest.install()  # SIGTERM/SIGUSR1 -> all ranks save after the same step
     topo = Topology.for_world(world)
     device = torch.device(acc.device_name(acc.current_device()))
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -222,7 +228,7 @@ def run(args: TrainArgs) -> list[dict]:
               f"{loader.steps_per_epoch() // gas:,} steps per epoch)", flush=True)
 
     step = 0
-    if args.resume:
+    if args.resume or (args.auto_resume and checkpoint.has_latest(args.save_dir)):
         client = checkpoint.resume(engine, args.save_dir, rank)
         step = int(client["step"])
         loader.load_state_dict(client["loader"])
@@ -280,10 +286,17 @@ def run(args: TrainArgs) -> list[dict]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if args.save_dir and ((args.save_interval and step % args.save_interval == 0) or step == args.max_steps):
+        signum = stop.agreed(device) if step < args.max_steps else 0  # collective: any rank signalled?
+        if args.save_dir and ((args.save_interval and step % args.save_interval == 0) or step == args.max_steps
+                              or signum):
             checkpoint.save(engine, args.save_dir, step,
                             {"step": step, "loader": loader.state_dict(), "args": dataclasses.asdict(args)},
                             meta, rank)
+        if signum:
+            e = Preempted(step, StopRequest.name(signum), args.save_dir and str(Path(args.save_dir) / f"step{step}"))
+            if rank == 0:
+                print(f"preempted: {e}", flush=True)
+            raise e
     if bar is not None:
         bar.close()
     if rank == 0 and records:
