@@ -203,7 +203,6 @@ def run(args: TrainArgs) -> list[dict]:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    stop = StopRequest.install()  # SIGTERM/SIGUSR1 -> all ranks save after the same step
     topo = Topology.for_world(world)
     device = torch.device(acc.device_name(acc.current_device()))
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -249,6 +248,7 @@ def run(args: TrainArgs) -> list[dict]:
 
         bar = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True)
 
+    stop = StopRequest.install()  # from here SIGTERM/SIGUSR1 -> all ranks save after the same step
     records = []
     grammar, table = cfg.loss_scope == "modality", vocab.column_table()
     while step < args.max_steps:

@@ -7,6 +7,10 @@ a signal handler). After every optimizer step all ranks call `StopRequest.agreed
 all-reduce (MAX) of a one-element flag, so every rank learns of a signal that reached any
 of them and all stop after the same step, whichever ranks the signal reached and when.
 
+The handler is installed when the training loop starts: a signal before that ends the
+process as usual (nothing trained yet that a save could keep), so a rank stuck in start-up
+cannot ignore it.
+
 The loop then saves the checkpoint of that step and raises `Preempted`; launch/train.py
 prints one line and exits with PREEMPTED_EXIT (75, EX_TEMPFAIL: "stopped early, try again").
 The job's script requeues on that status and the next run resumes from `latest` on the same
@@ -41,7 +45,7 @@ class StopRequest:
 
     @classmethod
     def install(cls, signals=STOP_SIGNALS) -> "StopRequest":
-        """Handle `signals` in this process from now on (call once, after init_distributed)."""
+        """Handle `signals` in this process from now on (call once, as the training loop starts)."""
         req = cls()
         for s in signals:
             req._previous[s] = signal.signal(s, req._record)
