@@ -65,9 +65,13 @@ def wait_for(cond, what: str, timeout: float, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def slurm():
+@pytest.fixture(scope="module", autouse=True)
+def packages():
     ensure_packages()
+
+
+@pytest.fixture(scope="module")
+def slurm(packages):
     cluster = LocalSlurm().start()
     yield cluster
     cluster.stop()
@@ -84,10 +88,16 @@ class Job:
         text = self.slurm.run("scontrol", "-o", "show", "job", self.id).stdout
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
-    def wait(self, timeout: float = 150) -> dict:
+    def wait(self, timeout: float = 300) -> dict:
         wait_for(lambda: self.info().get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
                  f"job {self.id} to end", timeout, poll=0.5)
         return self.info()
+
+    def release_requeued(self) -> None:
+        """SLURM holds a requeued job ~2 minutes before it may start again; a test need not wait."""
+        wait_for(lambda: int(self.info().get("Restarts", 0)) >= 1 and self.info().get("JobState") == "PENDING",
+                 f"job {self.id} to be requeued", 120)
+        self.slurm.run("scontrol", "update", f"JobId={self.id}", "StartTime=now", check=True)
 
     def rank_pid(self, rank: int) -> int:
         """pid of the task that runs `rank` (scontrol listpids: PID JOBID STEPID LOCALID GLOBALID)."""
@@ -124,9 +134,10 @@ def test_sigterm_saves_the_current_step_and_the_requeued_job_continues_the_curve
     SLURM's preemption does; the batch script requeues on status 75."""
     save = tmp_path / "run"
     job = Job(slurm, tmp_path / "job.log", [*train_args, "--save-dir", save])
-    wait_for(lambda: logged_steps(save) >= 2, "step 2 of the job", 120)
+    wait_for(lambda: logged_steps(save) >= 2, "step 2 of the job", 300)
     slurm.run("scancel", "--signal=TERM", job.id, check=True)
-    info = job.wait(timeout=180)
+    job.release_requeued()
+    info = job.wait()
     log = (tmp_path / "job.log").read_text()
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert int(info["Restarts"]) == 1, log[-4000:]
@@ -147,7 +158,7 @@ def test_sigterm_saves_the_current_step_and_the_requeued_job_continues_the_curve
 def test_a_killed_rank_ends_the_job_within_the_bound_and_is_named(slurm, train_args, tmp_path):
     save = tmp_path / "run"
     job = Job(slurm, tmp_path / "job.log", [*train_args, "--max-steps", 1000, "--save-dir", save])
-    wait_for(lambda: logged_steps(save) >= 1, "step 1 of the job", 120)
+    wait_for(lambda: logged_steps(save) >= 1, "step 1 of the job", 300)
     import os
 
     os.kill(job.rank_pid(1), signal.SIGKILL)
@@ -161,16 +172,19 @@ def test_a_killed_rank_ends_the_job_within_the_bound_and_is_named(slurm, train_a
     assert logged_steps(save) < 1000
 
 
-def mpi_cmd(train_args, save, launcher: list) -> subprocess.CompletedProcess:
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "MASTER_PORT", sys.executable, "-u"]
+
+
+def mpi_cmd(train_args, save, launcher: list, **popen):
+    cmd = [*launcher, "launch/train.py", *map(str, train_args), "--save-dir", str(save), "--no-progress"]
     env = {**job_env(), "MASTER_PORT": str(free_port())}
-    return subprocess.run([*launcher, "launch/train.py", *map(str, train_args), "--save-dir", str(save),
-                           "--no-progress"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_mpirun_reproduces_the_srun_losses(reference, train_args, tmp_path):
-    proc = mpi_cmd(train_args, tmp_path / "run", ["mpirun", "--allow-run-as-root", "--oversubscribe",
-                                                 "-np", "2", "-x", "MASTER_PORT", sys.executable, "-u"])
+    proc = mpi_cmd(train_args, tmp_path / "run", MPIRUN)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ref, got = metrics(reference[0]), metrics(tmp_path / "run")
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -190,3 +204,25 @@ def test_deepspeed_openmpi_launcher_reproduces_the_srun_losses(reference, train_
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in got:
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), s
+
+
+def test_mpirun_ends_the_job_when_a_rank_dies_and_names_it(train_args, tmp_path):
+    import psutil
+
+    save, log = tmp_path / "run", tmp_path / "mpirun.log"
+    with open(log, "w") as out:
+        proc = mpi_cmd([*train_args, "--max-steps", 1000], save, MPIRUN, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: logged_steps(save) >= 1, "step 1 under mpirun", 300)
+        ranks = {int(p.environ().get("OMPI_COMM_WORLD_RANK", -1)): p
+                 for p in psutil.Process(proc.pid).children(recursive=True) if p.name().startswith("python")}
+        ranks[1].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        status = proc.wait(timeout=DEAD_RANK_BOUND_S + 30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert status != 0 and took < DEAD_RANK_BOUND_S, (status, took, text[-3000:])
+    assert re.search(r"process rank 1 with PID \d+ on node \S+ exited on signal 9", text), text[-3000:]
