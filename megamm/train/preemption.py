@@ -56,6 +56,7 @@ class StopRequest:
             self.received = signum
 
     def uninstall(self) -> None:
+        """Restore the handlers that were there before install()."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
@@ -68,7 +69,15 @@ class StopRequest:
         flag = torch.tensor([self.received], dtype=torch.int64, device=device)  # [1]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        agreed = int(flag.item())
+        if agreed:
+            # This rank now saves and exits 75. A launcher that sees a sibling exit first
+            # (srun --kill-on-bad-exit, DeepSpeed's launcher) sends SIGTERM; Python restores
+            # the default action of handled signals while it shuts down, so only an ignored
+            # signal cannot turn the status into "Terminated" (143).
+            for s in self._previous:
+                signal.signal(s, signal.SIG_IGN)
+        return agreed
 
     @staticmethod
     def name(signum: int) -> str:
