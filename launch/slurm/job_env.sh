@@ -18,7 +18,9 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 requeue_if_preempted() {
   if [ "$1" -eq 75 ]; then
     echo "megamm: preempted, requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+    # The requeue ends this script (the job goes back to PENDING); exiting on our own
+    # first races it, and SLURM may then record the job as FAILED instead.
+    scontrol requeue "$SLURM_JOB_ID" && sleep 300
   fi
   exit "$1"
 }
