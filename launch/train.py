@@ -4,7 +4,8 @@
     deepspeed launch/train.py --ds_config zero3_offload.json [--model tiny] [--data DIR]
 
 Bad input (unknown preset, missing or malformed config, missing or corrupt data) ends
-with one line naming the culprit and exit status 2.
+with one line naming the culprit and exit status 2. SIGTERM or SIGUSR1 ends the run after
+the current step with a checkpoint and exit status 75 (megamm/train/preemption.py).
 """
 import sys
 
@@ -16,12 +17,15 @@ from megamm.data.shards import ShardError
 def main(argv=None) -> int:
     from megamm.train.args import parse
     from megamm.train.loop import run
+    from megamm.train.preemption import PREEMPTED_EXIT, Preempted
 
     try:
         run(parse(argv))
     except (ConfigError, ShardError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Preempted:  # checkpoint saved, line printed by rank 0
+        return PREEMPTED_EXIT
     return 0
 
 

@@ -29,5 +29,16 @@ def root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic token data set for the `tiny` preset (tests/train, tests/launch)."""
+    from megamm.config import get_preset
+    from megamm.data.synthetic import write_synthetic_dataset
+
+    d = tmp_path_factory.mktemp("tiny_synthetic")
+    write_synthetic_dataset(d, get_preset("tiny").vocab, n_train=400, n_val=40, seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable

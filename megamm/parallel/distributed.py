@@ -21,12 +21,19 @@ def single_process_env() -> None:
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
 
 
-def init_distributed() -> torch.device:
+def init_distributed(timeout_s: float = 600.0) -> torch.device:
     """Initialise torch.distributed through DeepSpeed on this rank's accelerator and
-    return the device this rank computes on. CPU ranks use gloo (the CPU accelerator
-    prefers oneCCL, which a CPU torch wheel does not have) and share the machine's cores."""
+    return the device this rank computes on. Ranks come from the launcher's variables
+    (deepspeed, torchrun, srun tasks via megamm.parallel.cluster, mpirun via mpi4py), or
+    this is a single process. A collective waits at most `timeout_s` for a silent rank.
+    CPU ranks use gloo (the CPU accelerator prefers oneCCL, which a CPU torch wheel does
+    not have) and share the machine's cores."""
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    from megamm.parallel import cluster
 
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -34,8 +41,10 @@ def init_distributed() -> torch.device:
     backend = acc.communication_backend_name()
     if backend == "ccl":
         backend = "gloo"
+    cluster.set_rank_env(os.environ)  # srun tasks: RANK & co. from SLURM's variables
     single_process_env()
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                               distributed_port=cluster.mpi_port(os.environ))
     device = torch.device(acc.device_name(acc.current_device()))
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # ranks on one machine share its cores; oversubscribed threads crawl

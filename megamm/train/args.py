@@ -26,6 +26,10 @@ class TrainArgs:
     save_interval: int = 0
     """Save every N optimizer steps (0: only at the end, when save_dir is set)."""
     resume: bool = False
+    auto_resume: bool = False
+    """Resume when --save-dir has a `latest` checkpoint, else start fresh (batch jobs that may be requeued)."""
+    dist_timeout: float = 600.0
+    """Seconds a collective waits for a silent rank before the job fails (torch.distributed timeout)."""
     eval_interval: int = 0
     eval_batches: int = 8
     dry_run: bool = False
@@ -47,7 +51,7 @@ class TrainArgs:
         checks = {"max_steps": self.max_steps >= 1, "warmup": self.warmup >= 0,
                   "save_interval": self.save_interval >= 0, "eval_interval": self.eval_interval >= 0,
                   "eval_batches": self.eval_batches >= 1, "log_interval": self.log_interval >= 1,
-                  "tp": self.tp >= 1, "pp": self.pp >= 1}
+                  "tp": self.tp >= 1, "pp": self.pp >= 1, "dist_timeout": self.dist_timeout > 0}
         for name in ("seq_len", "micro_batch", "grad_accum"):
             if getattr(self, name) is not None:
                 checks[name] = getattr(self, name) >= 1
@@ -79,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     a("--save-dir")
     a("--save-interval", type=int, default=0)
     a("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    a("--auto-resume", action="store_true",
+      help="resume from --save-dir's latest checkpoint when there is one (for requeued batch jobs)")
+    a("--dist-timeout", type=float, default=600.0,
+      help="seconds a collective waits for a silent rank before the job fails (default 600)")
     a("--eval-interval", type=int, default=0, help="validation loss every N steps (0: off)")
     a("--eval-batches", type=int, default=8)
     a("--dry-run", action="store_true", help="build on the meta device, print the size and layout, exit")

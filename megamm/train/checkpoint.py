@@ -100,6 +100,11 @@ def latest_tag(save_dir) -> str:
     return tag
 
 
+def has_latest(save_dir) -> bool:
+    """Whether save_dir (may be None) names a `latest` checkpoint to resume from."""
+    return save_dir is not None and (Path(save_dir) / LATEST).is_file()
+
+
 def resume(engine, save_dir, rank: int) -> dict:
     """Load the latest checkpoint of save_dir into engine; returns its client state."""
     tag = latest_tag(save_dir)

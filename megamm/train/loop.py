@@ -23,6 +23,7 @@ from megamm.train import checkpoint, ds_config
 from megamm.train.args import TrainArgs
 from megamm.train.engine import Trainer, build_trainer, check_layout
 from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops
+from megamm.train.preemption import Preempted, StopRequest
 from megamm.vocab import Vocab
 
 
@@ -128,7 +129,7 @@ def load_configs(args: TrainArgs) -> tuple[ModelConfig, dict]:
 
 def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
     """Process groups, data, engine and (with --resume) the checkpoint's state."""
-    device = init_distributed()
+    device = init_distributed(args.dist_timeout)
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -152,7 +153,7 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
         print(describe(cfg, ds_cfg, topo, args), flush=True)
         print(f"data: {data_dir} ({sum(len(s) for s in loader.shards):,} train documents, "
               f"{loader.steps_per_epoch() // trainer.gas:,} steps per epoch)", flush=True)
-    if args.resume:
+    if args.resume or (args.auto_resume and checkpoint.has_latest(args.save_dir)):
         client = checkpoint.resume(trainer.engine, args.save_dir, rank)
         run.step = int(client["step"])
         loader.load_state_dict(client["loader"])
@@ -181,6 +182,7 @@ def run(args: TrainArgs) -> list[dict]:
         from tqdm import tqdm
 
         bar = tqdm(total=args.max_steps, initial=r.step, desc="train", dynamic_ncols=True)
+    stop = StopRequest.install()  # from here SIGTERM/SIGUSR1 -> all ranks save after the same step
     records = []
     while r.step < args.max_steps:
         t0 = time.perf_counter()
@@ -200,9 +202,16 @@ def run(args: TrainArgs) -> list[dict]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        signum = stop.agreed(trainer.device) if r.step < args.max_steps else 0  # collective: any rank signalled?
         if args.save_dir and ((args.save_interval and r.step % args.save_interval == 0)
-                              or r.step == args.max_steps):
+                              or r.step == args.max_steps or signum):
             r.save()
+        if signum:
+            e = Preempted(r.step, StopRequest.name(signum),
+                          args.save_dir and str(Path(args.save_dir) / f"step{r.step}"))
+            if rank == 0:
+                print(f"preempted: {e}", flush=True)
+            raise e
     if bar is not None:
         bar.close()
     if rank == 0 and records:
