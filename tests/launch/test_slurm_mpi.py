@@ -24,7 +24,7 @@ import pytest
 from local_slurm import LocalSlurm, ensure_packages, free_port, job_env
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 10
+STEPS = 60  # a step of tiny takes ~0.2 s: the job must outlive the few seconds a signal takes to arrive
 # zero1.json's AdamW as torch's (no C++ op to compile: ranks start in seconds)
 DS_CONFIG = {**json.loads((ROOT / "ds_configs" / "zero1.json").read_text()), "bf16": {"enabled": False}}
 DS_CONFIG["optimizer"]["params"]["torch_adam"] = True
