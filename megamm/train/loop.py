@@ -16,7 +16,7 @@ from megamm.config import ModelConfig, get_preset
 from megamm.data.loader import PackedLoader, open_split, validation_batches
 from megamm.model import Transformer
 from megamm.parallel import Topology
-from megamm.train import checkpoint, ds_config
+from megamm.train import bad_steps, checkpoint, ds_config
 from megamm.train.args import TrainArgs
 from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops
 from megamm.vocab import MODALITY_NAMES, Vocab
@@ -177,6 +177,7 @@ def run(args: TrainArgs) -> list[dict]:
     """Train; returns the per-step metric records (rank 0; others return [])."""
     ds_cfg = ds_config.apply_overrides(ds_config.load(args.ds_config), micro_batch=args.micro_batch,
                                        grad_accum=args.grad_accum, lr=args.lr, precision=args.precision)
+    ds_cfg = bad_steps.prepare_config(ds_cfg)  # [issue 12] DeepSpeed's non-finite-gradient skip on
     cfg = model_config(args, ds_cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     topo = Topology.for_world(world)
@@ -198,6 +199,7 @@ def run(args: TrainArgs) -> list[dict]:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    guard = bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank)  # [issue 12]
     topo = Topology.for_world(world)
     device = torch.device(acc.device_name(acc.current_device()))
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -257,7 +259,8 @@ def run(args: TrainArgs) -> list[dict]:
         stats = torch.zeros(2 * len(MODALITY_NAMES), dtype=torch.float64)
         for (inputs, targets), n in zip(batches, counts.tolist()):
             out = engine(inputs.to(device), targets.to(device))
-            engine.backward(out.loss * (n * gas * topo.dp / max(global_count, 1.0)))
+            engine.backward(guard.loss_for_backward(out.loss * (n * gas * topo.dp / max(global_count, 1.0)),
+                                                    step + 1))  # [issue 12] non-finite -> NaN grads -> skipped
             engine.step()
             stats += _modality_stats(out)
         step += 1
@@ -265,6 +268,7 @@ def run(args: TrainArgs) -> list[dict]:
         dt = time.perf_counter() - t0
         rec = {"step": step, **_loss_record(stats, ""), "lr": float(engine.get_lr()[0]),
                "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+        rec.update(guard.after_step(engine, step))  # [issue 12] {"skipped_steps": n}
         gn = engine.get_global_grad_norm()
         if gn is not None:
             rec["grad_norm"] = float(gn)
@@ -280,10 +284,12 @@ def run(args: TrainArgs) -> list[dict]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if args.save_dir and ((args.save_interval and step % args.save_interval == 0) or step == args.max_steps):
+        guard.stop_if_exhausted()  # [issue 12] BadStepsError after --max-bad-steps skipped in a row
+        if args.save_dir and guard.may_save() and (  # [issue 12] no checkpoint after a skipped step
+                (args.save_interval and step % args.save_interval == 0) or step == args.max_steps):
             checkpoint.save(engine, args.save_dir, step,
                             {"step": step, "loader": loader.state_dict(), "args": dataclasses.asdict(args)},
-                            meta, rank)
+                            meta, rank, keep_last=args.keep_last)  # [issue 12] keep_last
     if bar is not None:
         bar.close()
     if rank == 0 and records:
