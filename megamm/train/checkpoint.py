@@ -106,19 +106,21 @@ def _recording_write_failures(engine, failures: list[str]):
     `failures` instead of raised, so this rank still reaches DeepSpeed's barriers; after
     a failure this rank writes nothing more. Each is replaced on the instance and
     restored on exit."""
-    def guarded(fn, path_arg: int):
+    def guarded(fn, path_arg: tuple[int, str]):
         def call(*args, **kwargs):
             if failures:
                 return None
             error = _attempt(lambda: fn(*args, **kwargs))
             if error:
-                path = str(args[path_arg])
+                index, name = path_arg
+                path = str(kwargs[name] if name in kwargs else args[index])
                 failures.append(error if path in error else f"{path}: {error}")
             return None
         return call
 
     targets = [(obj, name, arg, vars(obj).get(name)) for obj, name, arg in
-               ((getattr(engine, "checkpoint_engine", None), "save", 1), (engine, "_copy_recovery_script", 0))
+               ((getattr(engine, "checkpoint_engine", None), "save", (1, "path")),
+                (engine, "_copy_recovery_script", (0, "save_path")))
                if obj is not None and hasattr(obj, name)]
     for obj, name, arg, _ in targets:
         setattr(obj, name, guarded(getattr(obj, name), arg))
