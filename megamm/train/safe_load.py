@@ -4,7 +4,7 @@ A pickle can name any importable callable and call it while it loads; a checkpoi
 folder from someone else can therefore run code on `torch.load(weights_only=False)`.
 `torch.load(weights_only=True)` rebuilds only tensors, containers and plain values and
 refuses every other global a pickle names. DeepSpeed's files also hold a few of its own
-types (DEEPSPEED_TYPES, found by `torch.serialization.get_unsafe_globals_in_checkpoint`
+types (`deepspeed_types()`, found by `torch.serialization.get_unsafe_globals_in_checkpoint`
 on ZeRO-0..3 checkpoints of DeepSpeed 0.19.8): they are allowed by name, nothing else.
 
 DeepSpeed 0.19.8 loads its files with `torch.load(..., weights_only=False)`: through its
@@ -52,7 +52,7 @@ def _allowed_names() -> set[str]:
 
 
 def unsafe_globals(path: Path) -> list[str]:
-    """Globals a torch checkpoint file names beyond torch's defaults and DEEPSPEED_TYPES
+    """Globals a torch checkpoint file names beyond torch's defaults and deepspeed_types()
     (read from the pickle's opcodes; nothing is loaded)."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -73,7 +73,7 @@ def describe_refusal(folder: Path, error: Exception) -> str:
 
 @contextmanager
 def refusing_unsafe_pickles(folder):
-    """Within the block every torch.load is weights-only with DEEPSPEED_TYPES allowed;
+    """Within the block every torch.load is weights-only with deepspeed_types() allowed;
     a refused pickle raises UnsafeCheckpointError naming its file under `folder`."""
     previous = os.environ.get(FORCE_ENV)
     os.environ[FORCE_ENV] = "1"

@@ -31,7 +31,7 @@ class Run:
 
     def __init__(self, args, log: Path, env: dict | None = None, file_limit: int | None = None):
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(_port()), "launch/train.py", *RUN, *map(str, args)]
+               str(_port()), "launch/train.py", *map(str, [*RUN, *args])]
         environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env or {})
         self.log = log
         with open(log, "w") as out:
