@@ -20,6 +20,12 @@ RUN = ["--ds_config", "zero2.json", "--seq-len", 128, "--micro-batch", 2, "--war
 STEPS = 8
 
 
+def clean_env(**extra) -> dict:
+    """This environment without TRITON_INTERPRET (tests/conftest.py sets it for the kernel
+    tests; it is still set while module and session fixtures run)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | extra
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,7 +38,7 @@ class Run:
     def __init__(self, args, log: Path, env: dict | None = None, file_limit: int | None = None):
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                str(_port()), "launch/train.py", *map(str, [*RUN, *args])]
-        environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env or {})
+        environ = clean_env(**(env or {}))
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT,

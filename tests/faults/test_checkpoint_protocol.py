@@ -61,7 +61,8 @@ def test_the_manifest_lists_every_file_and_finds_damage(tmp_path):
     f.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     assert manifest.verify(ckpt) == "zero_pp_rank_0_optim_states.pt fails its checksum"
     f.write_bytes(good[:-3])
-    assert manifest.verify(ckpt) == f"zero_pp_rank_0_optim_states.pt has {len(good) - 3} bytes, manifest.json says {len(good)}"
+    assert manifest.verify(ckpt) == (f"zero_pp_rank_0_optim_states.pt has {len(good) - 3} bytes, "
+                                     f"manifest.json says {len(good)}")
     f.write_bytes(good)
     (ckpt / "extra.pt").write_bytes(b"x")
     assert manifest.verify(ckpt) == "extra.pt is not in manifest.json"

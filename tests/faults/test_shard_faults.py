@@ -1,13 +1,12 @@
 """Shards verify their checksums when opened: a flipped bit stops training with the
 shard's path; tools/prepare_data.py --verify checks a directory."""
-import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, clean_env
 
 from megamm.data import shards
 from megamm.data.shards import ShardError, ShardReader, ShardWriter
@@ -30,7 +29,7 @@ def damaged(tiny_data, tmp_path):
 def test_a_bit_flipped_shard_stops_training_naming_it(damaged):
     proc = subprocess.run([sys.executable, "launch/train.py", "--ds_config", "cpu.json", "--data", str(damaged),
                            "--seq-len", "128", "--max-steps", "1", "--no-progress"],
-                          cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]

@@ -2,14 +2,13 @@
 pickle that would run code is refused by resume and by load_model, and the code does
 not run."""
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, STEPS
+from conftest import ROOT, STEPS, clean_env
 
 import megamm
 from megamm.train import manifest
@@ -20,9 +19,8 @@ from megamm.train.safe_load import UnsafeCheckpointError
 @pytest.fixture(scope="module")
 def probe(tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("probe")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # still set while module fixtures run
     proc = subprocess.run([sys.executable, "tests/faults/engine_probe.py", str(tiny_data), str(work), "zero2.json"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(line.removeprefix("PROBE "))
