@@ -6,7 +6,7 @@ import shutil
 import time
 
 import pytest
-from conftest import STEPS, Run, curve, error_lines, latest_step
+from fault_runs import STEPS, Run, curve, error_lines, latest_step
 
 from megamm.train import checkpoint
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, clean_env
+from fault_runs import ROOT, clean_env
 
 from megamm.data import shards
 from megamm.data.shards import ShardError, ShardReader, ShardWriter

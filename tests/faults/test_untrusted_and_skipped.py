@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, STEPS, clean_env
+from fault_runs import ROOT, STEPS, clean_env
 
 import megamm
 from megamm.train import manifest
