@@ -232,8 +232,8 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int,
 
 def _prune(save_dir: Path, step: int, keep_last: int, rank: int) -> None:
     """Delete all but the keep_last newest checkpoints up to `step`, once `step<step>` verifies."""
-    older = [p for s, p in step_dirs(save_dir) if s < step]
-    doomed = older[:max(0, len(older) - (keep_last - 1))]
+    older = [p for s, p in step_dirs(save_dir) if s < step] if rank == 0 else []
+    doomed = _gather(older[:max(0, len(older) - (keep_last - 1))])[0]  # rank 0's listing decides for all
     if not doomed:
         return
     problem = _verify_together(save_dir / f"step{step}", rank)
