@@ -12,9 +12,10 @@ Cache layout under `$MEGAMM_CACHE` (default ~/.cache/megamm):
     tokenizers-<key>/{text,image,audio}/     the default tokenizers
     digits-<key>/train-00000.{bin,idx}, val-00000.{bin,idx}, meta.json
 
-`<key>` hashes the recipe, so a changed recipe builds a new entry instead of
-reusing a stale one. Every entry is built in a temporary directory and renamed into
-place, under a lock, so concurrent ranks and killed builds are safe.
+`<key>` hashes the recipe and the shard format version, so a changed recipe or
+format builds a new entry instead of reusing a stale one. Every entry is built in a
+temporary directory and renamed into place, under a lock, so concurrent ranks and
+killed builds are safe.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from megamm.data.documents import (DatasetWriter, DocumentMix, EncodedExample, Example, build_document,
                                    encode_examples, example_rng)
+from megamm.data.shards import FORMAT_VERSION as SHARD_FORMAT
 from megamm.data.digits import make_split
 from megamm.tokenizers import (AudioCodecConfig, AudioTokenizer, AudioTrainConfig, ImageTokenizer,
                                ImageTokenizerConfig, ImageTrainConfig, TextTokenizer, Tokenizers)
@@ -134,7 +136,8 @@ class DefaultDatasetRecipe:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({"tokenizers": self.tokenizers.key(), **asdict(self)}, sort_keys=True)
+        blob = json.dumps({"tokenizers": self.tokenizers.key(), "shard_format": SHARD_FORMAT, **asdict(self)},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @classmethod

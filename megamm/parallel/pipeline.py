@@ -96,12 +96,14 @@ class PipelineLoss:
 
     def __init__(self):
         self.scale = 1.0
+        self.guard = None  # training: loss -> the loss to back-propagate (megamm.train.bad_steps)
         self.stats = torch.zeros(N_STATS, dtype=torch.float64)
 
     def __call__(self, outputs, labels):
         loss_sum, stats = outputs
         self.stats += stats.detach().double().cpu()
-        return loss_sum * self.scale
+        loss = loss_sum * self.scale
+        return self.guard(loss) if self.guard is not None else loss
 
     def take_stats(self) -> torch.Tensor:
         out, self.stats = self.stats, torch.zeros(N_STATS, dtype=torch.float64)

@@ -25,6 +25,10 @@ class TrainArgs:
     save_dir: str | None = None
     save_interval: int = 0
     """Save every N optimizer steps (0: only at the end, when save_dir is set)."""
+    keep_last: int = 0
+    """Keep only the K newest checkpoints, deleting older ones after a newer one verifies (0: all)."""
+    max_bad_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     resume: bool = False
     auto_resume: bool = False
     """Resume when --save-dir has a `latest` checkpoint, else start fresh (batch jobs that may be requeued)."""
@@ -49,7 +53,8 @@ class TrainArgs:
 
     def __post_init__(self):
         checks = {"max_steps": self.max_steps >= 1, "warmup": self.warmup >= 0,
-                  "save_interval": self.save_interval >= 0, "eval_interval": self.eval_interval >= 0,
+                  "save_interval": self.save_interval >= 0, "keep_last": self.keep_last >= 0,
+                  "max_bad_steps": self.max_bad_steps >= 1, "eval_interval": self.eval_interval >= 0,
                   "eval_batches": self.eval_batches >= 1, "log_interval": self.log_interval >= 1,
                   "tp": self.tp >= 1, "pp": self.pp >= 1, "dist_timeout": self.dist_timeout > 0}
         for name in ("seq_len", "micro_batch", "grad_accum"):
@@ -82,7 +87,12 @@ def parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=1234)
     a("--save-dir")
     a("--save-interval", type=int, default=0)
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    a("--keep-last", type=int, default=0, metavar="K",
+      help="keep only the K newest checkpoints; older ones go once a newer one verifies (0: keep all)")
+    a("--resume", action="store_true",
+      help="continue from the newest intact checkpoint in --save-dir (damaged ones are skipped with a warning)")
+    a("--max-bad-steps", type=int, default=10, metavar="N",
+      help="stop after N consecutive steps with a non-finite loss or gradient norm (each is skipped)")
     a("--auto-resume", action="store_true",
       help="resume from --save-dir's latest checkpoint when there is one (for requeued batch jobs)")
     a("--dist-timeout", type=float, default=600.0,

@@ -22,6 +22,7 @@ from megamm.parallel.distributed import all_reduce_sum
 from megamm.parallel.tensor_parallel import TensorParallel
 from megamm.parallel.topology import ParallelGroups, Topology
 from megamm.train import ds_config
+from megamm.train.bad_steps import BadStepGuard
 from megamm.vocab import MODALITY_NAMES, Vocab
 
 
@@ -56,6 +57,7 @@ class Trainer:
     device: torch.device
     grammar: bool
     tables: GrammarTables
+    guard: BadStepGuard
     pipeline_loss: object | None = None  # PipelineLoss when pp > 1
 
     @property
@@ -81,8 +83,9 @@ class Trainer:
         t = (stats if mine else torch.zeros(N_STATS, dtype=torch.float64)).to(self.device)
         return all_reduce_sum(t).cpu()
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-        """One optimizer step over `gas` micro-batches (inputs, targets) -> its record."""
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0) -> dict:
+        """One optimizer step over `gas` micro-batches (inputs, targets) -> its record.
+        `step` (from 1) numbers it for the bad-step guard's fault injection."""
         if len(batches) != self.gas:
             raise ValueError(f"a step takes {self.gas} micro-batches, got {len(batches)}")
         # DeepSpeed divides by gas and averages over data parallel; undo both and divide
@@ -90,13 +93,15 @@ class Trainer:
         scale = self.gas * self.topo.dp / max(self._global_count(batches), 1.0)
         if self.pipeline_loss is not None:
             self.pipeline_loss.scale = scale
+            self.pipeline_loss.guard = lambda loss: self.guard.loss_for_backward(loss, step)
             self.engine.train_batch(iter([((x, y), y) for x, y in batches]))
+            self.pipeline_loss.guard = None
             stats = self.pipeline_loss.take_stats()
         else:
             stats = torch.zeros(N_STATS, dtype=torch.float64)
             for x, y in batches:
                 out = self.engine(x.to(self.device), y.to(self.device))
-                self.engine.backward(out.loss_sum * scale)
+                self.engine.backward(self.guard.loss_for_backward(out.loss_sum * scale, step))
                 self.engine.step()
                 stats += torch.cat([out.modality_sum, out.modality_count]).double().cpu()
         rec = loss_record(self._gather_stats(stats), "")
@@ -104,6 +109,7 @@ class Trainer:
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             rec["grad_norm"] = float(gn)
+        rec.update(self.guard.after_step(self.engine, step))  # skipped_steps
         return rec
 
     @torch.no_grad()
@@ -134,7 +140,7 @@ def loss_record(stats: torch.Tensor, prefix: str) -> dict:
 
 
 def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device: torch.device, seed: int,
-                  sequence_parallel: bool = False, lr_lambda=None) -> Trainer:
+                  sequence_parallel: bool = False, lr_lambda=None, guard: BadStepGuard | None = None) -> Trainer:
     """The engine for this rank's part of the model under `ds_cfg`."""
     import deepspeed
 
@@ -163,4 +169,4 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
                                                mpu=groups, lr_scheduler=scheduler)
     vocab = Vocab(cfg.vocab)
     return Trainer(engine=engine, groups=groups, vocab=vocab, device=device, grammar=cfg.loss_scope == "modality",
-                   tables=GrammarTables(vocab), pipeline_loss=pipeline_loss)
+                   tables=GrammarTables(vocab), guard=guard or BadStepGuard(), pipeline_loss=pipeline_loss)

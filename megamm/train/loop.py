@@ -19,7 +19,7 @@ from megamm.parallel import Topology
 from megamm.parallel.distributed import barrier, init_distributed
 from megamm.tokenizers import tokenizers_dir_of
 from megamm.schedule import warmup_cosine
-from megamm.train import checkpoint, ds_config
+from megamm.train import bad_steps, checkpoint, ds_config
 from megamm.train.args import TrainArgs
 from megamm.train.engine import Trainer, build_trainer, check_layout
 from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops
@@ -118,12 +118,13 @@ class Run:
         checkpoint.save(self.trainer.engine, self.args.save_dir, self.step,
                         {"step": self.step, "loader": self.loader.state_dict(),
                          "args": dataclasses.asdict(self.args)},
-                        self.meta(), self.rank)
+                        self.meta(), self.rank, keep_last=self.args.keep_last)
 
 
 def load_configs(args: TrainArgs) -> tuple[ModelConfig, dict]:
     ds_cfg = ds_config.apply_overrides(ds_config.load(args.ds_config), micro_batch=args.micro_batch,
                                        grad_accum=args.grad_accum, lr=args.lr, precision=args.precision)
+    ds_cfg = bad_steps.prepare_config(ds_cfg)  # DeepSpeed skips steps with non-finite gradients
     return model_config(args, ds_cfg), ds_cfg
 
 
@@ -146,7 +147,8 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
     if args.eval_interval:
         val = validation_batches(open_split(data_dir, "val", vocab), vocab, cfg.max_seq_len, mb,
                                  groups.dp_rank, topo.dp, args.eval_batches)
-    trainer = build_trainer(cfg, ds_cfg, groups, device, args.seed, args.sequence_parallel, lr_lambda(args))
+    trainer = build_trainer(cfg, ds_cfg, groups, device, args.seed, args.sequence_parallel, lr_lambda(args),
+                            guard=bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank))
     run = Run(args=args, cfg=cfg, ds_cfg=ds_cfg, trainer=trainer, loader=loader, val=val,
               data_dir=data_dir, rank=rank)
     if rank == 0:
@@ -186,7 +188,7 @@ def run(args: TrainArgs) -> list[dict]:
     records = []
     while r.step < args.max_steps:
         t0 = time.perf_counter()
-        rec = trainer.train_step([r.loader.next_batch() for _ in range(trainer.gas)])
+        rec = trainer.train_step([r.loader.next_batch() for _ in range(trainer.gas)], r.step + 1)
         r.step += 1
         dt = time.perf_counter() - t0
         rec = {"step": r.step, **rec, "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
@@ -202,9 +204,10 @@ def run(args: TrainArgs) -> list[dict]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        trainer.guard.stop_if_exhausted()  # every rank saw the same skips
         signum = stop.agreed(trainer.device) if r.step < args.max_steps else 0  # collective: any rank signalled?
-        if args.save_dir and ((args.save_interval and r.step % args.save_interval == 0)
-                              or r.step == args.max_steps or signum):
+        if args.save_dir and trainer.guard.may_save() and ((args.save_interval and r.step % args.save_interval == 0)
+                                                           or r.step == args.max_steps or signum):
             r.save()
         if signum:
             e = Preempted(r.step, StopRequest.name(signum),
