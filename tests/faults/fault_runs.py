@@ -1,6 +1,7 @@
 """Launching real 2-rank training runs that the fault tests kill, starve of disk or
 poison. (A module with its own name, not conftest: `from conftest import` resolves to
 whichever conftest.py pytest loaded last.)"""
+import json
 import os
 import resource
 import signal
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from megamm.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ["--ds_config", "zero2.json", "--seq-len", 128, "--micro-batch", 2, "--warmup", 2, "--lr", 5e-3,
@@ -87,7 +87,8 @@ def _limit_file_size(limit: int) -> None:
 
 def curve(save_dir: Path) -> dict[int, dict]:
     """step -> the last record logged for it (resumed runs append)."""
-    return {r["step"]: r for r in read_metrics(Path(save_dir) / "metrics.jsonl")}
+    lines = (Path(save_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, filter(None, lines))}
 
 
 def latest_step(save_dir: Path) -> int:
