@@ -225,3 +225,19 @@ def special_token_names(cfg: ModelConfig) -> list[str]:
     """`<pad>`, `<bos>`, ... then `<reserved_K>` for the unnamed special ids."""
     named = [f"<{n}>" for n in SPECIAL_NAMES]
     return named + [f"<reserved_{k}>" for k in range(len(named), cfg.vocab.n_special)]
+
+
+def extend_vocab(hf_sd: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """A text LLM's HF weights with the embedding (and lm_head) grown to `rows`: the new
+    rows (specials, image and audio codes, padding) start as the mean of the existing
+    rows, as Emu3/AnyGPT-style models are initialised from a text LLM."""
+    out = dict(hf_sd)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name not in hf_sd:
+            continue
+        t = hf_sd[name]  # [V_text, D]
+        if t.shape[0] > rows:
+            raise ConversionError(f"{name} has {t.shape[0]} rows, more than the {rows} of the megamm vocabulary")
+        mean = t.float().mean(0, keepdim=True).to(t.dtype)  # [1, D]
+        out[name] = torch.cat([t, mean.expand(rows - t.shape[0], -1)])  # [rows, D]
+    return out
