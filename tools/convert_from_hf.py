@@ -18,6 +18,7 @@ the modality vectors folded into the rows). Bad input is one line, exit status 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -62,8 +63,7 @@ def convert(hf_dir: Path, out: Path, model_config: str | None = None, force: boo
         text = hf.get("vocab_size")
         if not isinstance(text, int) or text < 1:
             raise ConversionError(f"{hf_dir / 'config.json'}: vocab_size missing")
-        base = base.replace(vocab=ModelConfig.from_dict({"vocab": {**base.vocab.__dict__, "text_size": text,
-                                                                    "padded_size": None}}).vocab)
+        base = base.replace(vocab=dataclasses.replace(base.vocab, text_size=text, padded_size=None))
     cfg = model_config_from_hf(hf, base)
     if Path(out).exists() and not force:
         raise ConversionError(f"output {out} already exists (pass --force to replace it)")

@@ -26,6 +26,8 @@ class TrainArgs:
     save_interval: int = 0
     """Save every N optimizer steps (0: only at the end, when save_dir is set)."""
     resume: bool = False
+    init_from: str | None = None
+    """Start from this checkpoint's weights (any layout; fresh optimizer and schedule)."""
     eval_interval: int = 0
     eval_batches: int = 8
     dry_run: bool = False
@@ -79,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
     a("--save-dir")
     a("--save-interval", type=int, default=0)
     a("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    a("--init-from", default=None, help="start from this checkpoint's weights (any layout; fresh "
+      "optimizer and schedule; --resume of --save-dir takes precedence)")
     a("--eval-interval", type=int, default=0, help="validation loss every N steps (0: off)")
     a("--eval-batches", type=int, default=8)
     a("--dry-run", action="store_true", help="build on the meta device, print the size and layout, exit")
