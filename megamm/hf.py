@@ -202,11 +202,13 @@ def model_config_from_hf(hf: dict, base: ModelConfig) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"config.json: hidden_act {act!r} is not SwiGLU's silu")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConversionError(f"config.json: RoPE type {rope_type!r} is not supported "
-                              f"(megamm implements plain rotate-half RoPE only)")
+    for key in ("rope_parameters", "rope_scaling"):  # transformers 5 and 4 spellings
+        spec = hf.get(key) or {}
+        rope_type = spec.get("rope_type", spec.get("type", "default"))
+        if rope_type != "default":
+            raise ConversionError(f"config.json: {key} RoPE type {rope_type!r} is not supported "
+                                  f"(megamm implements plain rotate-half RoPE only)")
+    rope = hf.get("rope_parameters") or {}
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConversionError("config.json: partial_rotary_factor != 1 is not supported")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]

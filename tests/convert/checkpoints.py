@@ -27,7 +27,8 @@ run_train = _train.run_train
 TEXTS = ["the red digit seven is spoken slowly", "a blue three and a green five",
          "hello world, this is megamm", "numbers: one two three four five six seven eight nine zero"] * 8
 
-BASE = ["--seq-len", 64, "--warmup", 1, "--seed", 3, "--lr", 3e-3, "--max-steps", 2, "--precision", "fp32",
+LOGGED_SEED = 3
+BASE = ["--seq-len", 64, "--warmup", 1, "--seed", LOGGED_SEED, "--lr", 3e-3, "--max-steps", 2, "--precision", "fp32",
         "--micro-batch", 1, "--grad-accum", 1]
 # name -> (flags, ranks); every layout keeps the tiny preset
 LAYOUTS = {

@@ -133,3 +133,31 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(made, tmp_path):
     assert json.loads((again / "config.json").read_text())["torch_dtype"] == "bfloat16"
     theirs = LlamaForCausalLM.from_pretrained(again)
     assert theirs.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("source,layout", [("tp2", "pp2"), ("zero3", "tp2")])
+def test_init_from_starts_at_the_checkpoint_models_loss(made, tmp_path, source, layout):
+    """--init-from a checkpoint (directly, or after a round trip through the HF folder)
+    under another layout: the first step's loss is that model's loss on the same batch."""
+    from checkpoints import BASE, LOGGED_SEED
+
+    from megamm.data.loader import PackedLoader, open_split
+
+    save, hf_dir = made[source]
+    init = save
+    if source == "tp2":  # the chain checkpoint -> HF -> megamm checkpoint -> training
+        proc = tool("convert_from_hf.py", "--hf", hf_dir, "--out", tmp_path / "imported")
+        assert proc.returncode == 0, proc.stderr
+        init = tmp_path / "imported"
+    run = train(made["data"], tmp_path / "run", layout, extra=["--init-from", init, "--max-steps", 1])
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    model = megamm.load_model(init)
+    seq_len = BASE[BASE.index("--seq-len") + 1]
+    loader = PackedLoader(open_split(made["data"], "train", model.vocab), model.vocab, seq_len, 1, 0, 1,
+                          seed=LOGGED_SEED)
+    x, y = loader.next_batch()
+    with torch.no_grad():
+        expected = model(x, y).loss.item()
+    assert first["step"] == 1 and first["loss"] == pytest.approx(expected, rel=1e-5)
+    scratch = json.loads((save / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert abs(scratch - expected) > 1e-3  # a fresh model's first loss would differ

@@ -65,8 +65,8 @@ def test_what_megamm_cannot_represent_is_refused():
     model = gqa_model()
     base = hf_config(model.config, False, "float32")
     assert model_config_from_hf(base, model.config) == model.config.replace(tie_embeddings=False)
-    bad = [({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE type 'llama3'"),
-           ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE type 'yarn'"),
+    bad = [({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling RoPE type 'llama3'"),
+           ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters RoPE type 'yarn'"),
            ({"model_type": "gpt2"}, "model_type 'gpt2'"),
            ({"attention_bias": True}, "attention_bias"),
            ({"hidden_act": "gelu"}, "hidden_act")]
