@@ -81,3 +81,27 @@ def test_bad_hf_folders_are_refused_in_one_line(tmp_path):
     proc = tool("convert_from_hf.py", "--hf", gpt, "--out", tmp_path / "o")
     assert proc.returncode == 2 and "--model-config" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_imported_checkpoint_exports_again_without_tokenizers(tmp_path):
+    """HF -> megamm -> HF: the second export loads in stock transformers with the same
+    logits, and with no tokenizers known its tokenizer still names every id."""
+    from transformers import AutoTokenizer
+
+    model = gqa_model()
+    export(model, tmp_path / "hf0")
+    assert tool("convert_from_hf.py", "--hf", tmp_path / "hf0", "--out", tmp_path / "ck").returncode == 0
+    proc = tool("convert_to_hf.py", "--checkpoint", tmp_path / "ck", "--out", tmp_path / "hf")
+    assert proc.returncode == 0 and "names no tokenizers" in proc.stdout, proc.stderr
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    v = model.vocab
+    ids = torch.randint(0, v.used_size, (1, 30), generator=torch.Generator().manual_seed(2))
+    ids[ids == v.bos] = 0
+    with torch.no_grad():
+        assert (theirs(ids).logits - model(ids)).abs().max().item() <= 1e-5
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert len(tok) == v.size
+    shown = tok.decode([v.bos, v.bot, 3, v.eot, v.boi, v.image_start + 2, v.eoi, v.boa,
+                        *v.audio_ids([[1, 2]]).tolist(), v.eoa]).split()
+    assert shown == ["<bos>", "<bot>", "<text_3>", "<eot>", "<boi>", "<img_2>", "<eoi>", "<boa>",
+                     "<aud0_1>", "<aud1_2>", "<eoa>"]
