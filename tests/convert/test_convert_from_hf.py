@@ -105,3 +105,20 @@ def test_imported_checkpoint_exports_again_without_tokenizers(tmp_path):
                         *v.audio_ids([[1, 2]]).tolist(), v.eoa]).split()
     assert shown == ["<bos>", "<bot>", "<text_3>", "<eot>", "<boi>", "<img_2>", "<eoi>", "<boa>",
                      "<aud0_1>", "<aud1_2>", "<eoa>"]
+
+
+def test_init_from_a_missing_or_mismatched_checkpoint_is_one_line(tmp_path):
+    from checkpoints import run_train
+
+    from megamm.config import get_preset
+    from megamm.data.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", get_preset("tiny").vocab, n_train=20, n_val=4)
+    model = gqa_model()  # 2 layers: not the tiny preset's shape
+    export(model, tmp_path / "hf")
+    assert tool("convert_from_hf.py", "--hf", tmp_path / "hf", "--out", tmp_path / "ck").returncode == 0
+    for init, words in ((tmp_path / "nope", "checkpoint not found"), (tmp_path / "ck", "n_layers=2")):
+        proc = run_train(["--data", data, "--ds_config", "zero1.json", "--seq-len", 32, "--max-steps", 1,
+                          "--init-from", init])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and words in errors[0], proc.stderr[-2000:]
