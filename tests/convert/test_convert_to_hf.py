@@ -8,11 +8,10 @@ import shutil
 import pytest
 import torch
 from checkpoints import LAYOUTS, single_document, tool, train, write_data
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 import megamm
 from megamm.tokenizers import ImageTokenizer, TextTokenizer
-
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 
 @pytest.fixture(scope="module")
