@@ -34,6 +34,8 @@ class TrainArgs:
     """Resume when --save-dir has a `latest` checkpoint, else start fresh (batch jobs that may be requeued)."""
     dist_timeout: float = 600.0
     """Seconds a collective waits for a silent rank before the job fails (torch.distributed timeout)."""
+    init_from: str | None = None
+    """Start from this checkpoint's weights (any layout; fresh optimizer and schedule)."""
     eval_interval: int = 0
     eval_batches: int = 8
     dry_run: bool = False
@@ -97,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
       help="resume from --save-dir's latest checkpoint when there is one (for requeued batch jobs)")
     a("--dist-timeout", type=float, default=600.0,
       help="seconds a collective waits for a silent rank before the job fails (default 600)")
+    a("--init-from", default=None, help="start from this checkpoint's weights (any layout; fresh "
+      "optimizer and schedule; --resume of --save-dir takes precedence)")
     a("--eval-interval", type=int, default=0, help="validation loss every N steps (0: off)")
     a("--eval-batches", type=int, default=8)
     a("--dry-run", action="store_true", help="build on the meta device, print the size and layout, exit")

@@ -23,6 +23,7 @@ from megamm.parallel.tensor_parallel import TensorParallel
 from megamm.parallel.topology import ParallelGroups, Topology
 from megamm.train import ds_config
 from megamm.train.bad_steps import BadStepGuard
+from megamm.train.init_from import copy_into
 from megamm.vocab import MODALITY_NAMES, Vocab
 
 
@@ -140,8 +141,10 @@ def loss_record(stats: torch.Tensor, prefix: str) -> dict:
 
 
 def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device: torch.device, seed: int,
-                  sequence_parallel: bool = False, lr_lambda=None, guard: BadStepGuard | None = None) -> Trainer:
-    """The engine for this rank's part of the model under `ds_cfg`."""
+                  sequence_parallel: bool = False, lr_lambda=None, guard: BadStepGuard | None = None,
+                  init_state: dict | None = None) -> Trainer:
+    """The engine for this rank's part of the model under `ds_cfg`; `init_state` (the
+    whole plain model's weights, megamm.train.init_from) replaces the initial weights."""
     import deepspeed
 
     topo = groups.topo
@@ -155,16 +158,20 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
         from megamm.parallel.pipeline import build_pipeline
 
         model, pipeline_loss = build_pipeline(cfg, topo, tp, device, seed)
+        if init_state is not None:
+            copy_into(model, init_state, cfg.n_layers, groups.tp_rank, topo.tp, pipeline=True)
         engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, lr_scheduler=scheduler,
                                                model_parameters=[p for p in model.parameters() if p.requires_grad])
     else:
-        if ds_config.zero_stage(ds_cfg) == 3:
-            # built on the host in the training precision (never whole on the accelerator),
-            # then partitioned over data parallel as zero.Init would have while building
-            model = build_transformer(cfg, "cpu", seed, tp, dtype=_dtype(ds_cfg))
+        zero3 = ds_config.zero_stage(ds_cfg) == 3
+        # ZeRO-3: built on the host in the training precision (never whole on the
+        # accelerator), then partitioned over data parallel as zero.Init would while building
+        model = (build_transformer(cfg, "cpu", seed, tp, dtype=_dtype(ds_cfg)) if zero3
+                 else build_transformer(cfg, device, seed, tp))
+        if init_state is not None:
+            copy_into(model, init_state, cfg.n_layers, groups.tp_rank, topo.tp, pipeline=False)
+        if zero3:
             deepspeed.zero.Init(module=model, config_dict_or_path=ds_cfg, data_parallel_group=groups.dp_group)
-        else:
-            model = build_transformer(cfg, device, seed, tp)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
                                                mpu=groups, lr_scheduler=scheduler)
     vocab = Vocab(cfg.vocab)

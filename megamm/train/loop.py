@@ -22,6 +22,7 @@ from megamm.schedule import warmup_cosine
 from megamm.train import bad_steps, checkpoint, ds_config
 from megamm.train.args import TrainArgs
 from megamm.train.engine import Trainer, build_trainer, check_layout
+from megamm.train.init_from import load_init_state
 from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops
 from megamm.train.preemption import Preempted, StopRequest
 from megamm.vocab import Vocab
@@ -147,8 +148,10 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
     if args.eval_interval:
         val = validation_batches(open_split(data_dir, "val", vocab), vocab, cfg.max_seq_len, mb,
                                  groups.dp_rank, topo.dp, args.eval_batches)
+    init_state = load_init_state(args.init_from, cfg) if args.init_from and not args.resume else None
     trainer = build_trainer(cfg, ds_cfg, groups, device, args.seed, args.sequence_parallel, lr_lambda(args),
-                            guard=bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank))
+                            guard=bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank), init_state=init_state)
+    del init_state
     run = Run(args=args, cfg=cfg, ds_cfg=ds_cfg, trainer=trainer, loader=loader, val=val,
               data_dir=data_dir, rank=rank)
     if rank == 0:
