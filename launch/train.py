@@ -25,17 +25,22 @@ def main(argv=None) -> int:
     from megamm.train.loop import run
     from megamm.train.preemption import PREEMPTED_EXIT, Preempted
 
+    from megamm.parallel.distributed import shutdown
+
     try:
         run(parse(argv))
     except (CheckpointSaveError, BadStepsError) as e:  # every rank agreed on it: rank 0 says it once
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
+        shutdown()
         return 3
-    except (ConfigError, ShardError, DataError) as e:
+    except (ConfigError, ShardError, DataError) as e:  # may be one rank's alone: no collective here
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except Preempted:  # checkpoint saved, line printed by rank 0
+    except Preempted:  # every rank saved the same step; rank 0 printed the line
+        shutdown()
         return PREEMPTED_EXIT
+    shutdown()
     return 0
 
 

@@ -73,3 +73,18 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     if is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     return t
+
+
+def shutdown() -> None:
+    """Leave the process groups together before the interpreter exits: every rank waits
+    for the others, then destroys its groups, so no rank's communication threads are torn
+    down while a peer still talks to them (that aborts the process instead of exiting
+    with its status)."""
+    import torch.distributed as dist
+
+    if is_initialized():
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # a dead peer: the exit status still says what happened here
+            pass

@@ -52,17 +52,16 @@ def changed(a: dict, b: dict) -> list[str]:
 
 
 def main(data_dir: str, work: str, config: str) -> dict:
-    from megamm.train.loop import _single_process_env
+    from megamm.parallel.distributed import init_distributed
 
-    _single_process_env()
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    device = init_distributed()
     from megamm.config import ConfigError, get_preset
     from megamm.data.loader import PackedLoader, open_split
     from megamm.train import bad_steps, checkpoint, ds_config
     from megamm.train.args import TrainArgs
-    from megamm.train.loop import build_engine
+    from megamm.parallel import Topology
+    from megamm.train.engine import build_trainer
+    from megamm.train.loop import lr_lambda
     from megamm.vocab import Vocab
 
     args = TrainArgs(ds_config=config, seq_len=128, micro_batch=2, lr=5e-3, warmup=2)
@@ -71,7 +70,7 @@ def main(data_dir: str, work: str, config: str) -> dict:
     cfg = get_preset("tiny").replace(max_seq_len=128)
     vocab = Vocab(cfg.vocab)
     loader = PackedLoader(open_split(data_dir, "train", vocab), vocab, 128, 2, seed=1)
-    engine, _ = build_engine(cfg, ds_cfg, args, torch.device("cpu"))
+    engine = build_trainer(cfg, ds_cfg, Topology().build_groups(), device, args.seed, lr_lambda=lr_lambda(args)).engine
     guard = bad_steps.BadStepGuard(max_bad=3, fault_steps=frozenset({2}))
     report = {"steps": []}
     before = None  # Adam's state exists from the first applied step on
