@@ -32,18 +32,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 PRESET = "small-digits"
 BF16_STATE_KEYS = ("bf16_master_weights_and_grads", "bf16_optimizer_states")
 CHILD = r"""
-import sys
+import json, runpy, sys
 from unittest import mock
 from megamm import config
 from megamm.data.default import ensure_default_dataset
-from megamm.data.loader import open_split  # noqa: F401  (same import order as training)
-import json
-body = config.get_preset("small").replace(vocab=config.VocabConfig(**{
-    k: v for k, v in json.loads((ensure_default_dataset() / "meta.json").read_text())["vocab"].items()}))
+vocab = json.loads((ensure_default_dataset() / "meta.json").read_text())["vocab"]
+body = config.get_preset("small").replace(vocab=config.VocabConfig(**vocab))
 with mock.patch.dict(config.PRESETS, {"%s": body}):
     sys.argv = ["launch/train.py", *sys.argv[1:]]
-    from launch_train import main
-    sys.exit(main())
+    runpy.run_path("launch/train.py", run_name="__main__")
 """ % PRESET
 
 
@@ -53,9 +50,7 @@ def run_variant(name: str, ds_cfg: dict, a, tmp: Path) -> list[dict]:
     argv = ["--ds_config", str(cfg_path), "--model", PRESET, "--seq-len", a.seq_len, "--micro-batch", a.micro_batch,
             "--grad-accum", 1, "--lr", a.lr, "--warmup", a.warmup, "--max-steps", a.steps, "--seed", a.seed,
             "--save-dir", save, "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "launch"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, argv)], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if proc.returncode:

@@ -87,7 +87,7 @@ def check_layout(cfg: ModelConfig, ds_cfg: dict, layout: Layout) -> None:
     stage = ds_config.zero_stage(ds_cfg)
     if layout.pp > 1 and stage >= 2:
         raise LayoutError(f"pp={layout.pp} needs ZeRO stage 0 or 1 (DeepSpeed's pipeline engine "
-                          f"cannot run ZeRO-{stage}); use zero1_3d-style configs for TP x PP")
+                          f"cannot run ZeRO-{stage}); TP x PP runs under zero1.json")
     if layout.pp > cfg.n_layers:
         raise LayoutError(f"pp={layout.pp} exceeds the model's {cfg.n_layers} layers")
     for name in ("n_kv_heads", "n_heads", "ffn_dim"):
@@ -233,7 +233,7 @@ def estimate(cfg: ModelConfig, ds_cfg: dict, layout: Layout, micro_batch: int, s
     if stage == 3:
         big = largest_tensor(cfg, layout)
         prefetch = min(float(z.get("stage3_prefetch_bucket_size", 5e7)),
-                       float(z.get("stage3_max_live_parameters", 1e9)))
+                       float(z.get("stage3_max_live_parameters", 1e9)), P)  # never more than the model
         add("gathered ZeRO-3 layers", "gpu", (2 * big + prefetch) * prec.model,
             "largest module + its full grad + prefetch bucket")
     _activations(add, cfg, layout, micro_batch, seq_len, activation_checkpointing, prec.model)

@@ -84,6 +84,7 @@ def test_estimate_is_within_10_percent_of_measured_peak_rss(runs, model, config)
     est = estimate(cfg, ds_cfg, Layout(gpus=1), micro_batch=1, seq_len=SEQ,
                    activation_checkpointing=ckpt, accelerator="cpu")
     predicted = est.total("gpu") + est.total("host")
+    print(f"{model} {config}: predicted {predicted / 1e9:.3f} GB, measured {rss / 1e9:.3f} GB")
     assert predicted == pytest.approx(rss, rel=0.10), f"{model} {config}: predicted {predicted / 1e9:.3f} GB, " \
                                                       f"measured {rss / 1e9:.3f} GB\n{est.report()}"
 
