@@ -239,6 +239,11 @@ def estimate(cfg: ModelConfig, ds_cfg: dict, layout: Layout, micro_batch: int, s
     _activations(add, cfg, layout, micro_batch, seq_len, activation_checkpointing, prec.model)
     _logits(add, cfg, layout, micro_batch, seq_len, prec.model)
     if accelerator == "cpu":
+        # The model is first built whole (fp32 under ZeRO 0-2, converted by DeepSpeed; in the
+        # model dtype module by module under zero.Init) and freed; glibc keeps freed heap
+        # pages of the (< 32 MB) tensors resident, so on CPU that copy stays in the peak RSS.
+        built = P * (4 if stage < 3 else prec.model)
+        add("model construction copy", "host", built, "freed, kept resident by the CPU allocator")
         add("baseline", "host", CPU_PROCESS_BASELINE, "python + torch + deepspeed, measured")
     else:
         add("baseline (CUDA context)", "gpu", GPU_CONTEXT, "assumed, unmeasured")
