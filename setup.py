@@ -31,7 +31,7 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "dev": ["pytest>=8", "transformers>=4.44"],
+        "dev": ["pytest>=8", "transformers>=4.44", "mpi4py>=3.1"],
         "flash": ["flash-attn>=2.5"],
         "mpi": ["mpi4py>=3.1"],
     },

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = _HERE.parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def ink_features(images: np.ndarray) -> np.ndarray:
@@ -166,7 +166,8 @@ def main(argv=None) -> int:
 
     from megamm.data.default import DefaultDatasetRecipe, ensure_default_dataset
     from megamm.data.digits import make_split
-    from megamm.tokenizers import Tokenizers, ensure_default_tokenizers
+    from megamm.data.default import ensure_default_tokenizers
+    from megamm.tokenizers import Tokenizers
 
     recipe = DefaultDatasetRecipe() if args.recipe == "default" else DefaultDatasetRecipe.quick()
     result = {

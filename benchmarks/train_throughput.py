@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     a("--activation-checkpointing", dest="activation_checkpointing", action="store_const", const=True)
     a("--loss-scope", choices=["full", "modality"], default="full",
       help="megamm's loss: full (= the baseline's definition) or modality (adds the grammar loss row)")
+    a("--tp", type=int, default=1, help="tensor-parallel degree (megamm)")
+    a("--pp", type=int, default=1, help="pipeline-parallel degree (megamm; ZeRO 0/1)")
+    a("--sequence-parallel", action="store_true")
     a("--steps", type=int, default=20)
     a("--warmup-steps", type=int, default=3)
     a("--seed", type=int, default=1234)
@@ -80,7 +83,8 @@ def _train_args(a, loss_scope):
     return TrainArgs(ds_config=a.ds_config, model=a.model, data=a.data, seq_len=a.seq_len,
                      micro_batch=a.micro_batch, grad_accum=a.grad_accum, precision=a.precision,
                      activation_checkpointing=a.activation_checkpointing, loss_scope=loss_scope,
-                     max_steps=a.steps, warmup=1, seed=a.seed, progress=False)
+                     max_steps=a.steps, warmup=1, seed=a.seed, progress=False, tp=a.tp, pp=a.pp,
+                     sequence_parallel=a.sequence_parallel)
 
 
 def run_one(a) -> int:
@@ -89,7 +93,6 @@ def run_one(a) -> int:
         torch.cuda.set_per_process_memory_fraction(a.memory_fraction)
     from megamm.train import ds_config, loop
     from megamm.train.metrics import flops_per_token, peak_flops
-    from megamm.vocab import Vocab
 
     args = _train_args(a, a.loss_scope_run)
     ds_cfg = ds_config.apply_overrides(ds_config.load(a.ds_config), micro_batch=a.micro_batch,
@@ -98,23 +101,18 @@ def run_one(a) -> int:
     if a.impl == "megamm":
         records = loop.run(args)
     else:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-
         import hf_baseline
 
-        acc = get_accelerator()
-        loop._single_process_env()
-        backend = acc.communication_backend_name()
-        deepspeed.init_distributed(dist_backend="gloo" if backend == "ccl" else backend)
-        device = torch.device(acc.device_name(acc.current_device()))
+        from megamm.parallel.distributed import init_distributed
+
+        device = init_distributed()
         records = hf_baseline.train(cfg, ds_cfg, a.data, a.steps, a.seed, device)
     if not records:  # not rank 0
         return 0
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     timed = records[a.warmup_steps:]
     tok_s = statistics.median(r["tokens_per_s"] for r in timed)
-    flops = flops_per_token(cfg, cfg.max_seq_len, Vocab(cfg.vocab).size) * tok_s
+    flops = flops_per_token(cfg, cfg.max_seq_len) * tok_s
     peak = peak_flops(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     summary = {
@@ -190,7 +188,8 @@ def main(argv=None) -> int:
         print(f"{r['impl']:>6} loss={r['loss_scope']:<16} {r['tokens_per_s']:10.1f} tok/s  "
               f"{r['tflops']:.4f} TFLOP/s  host {r['peak_host_rss_gb']:.2f} GB")
     kind = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(a.out) if a.out else RESULTS / f"train_throughput-{kind}-{a.model}-{Path(a.ds_config).stem}.json"
+    layout = "" if a.tp == a.pp == 1 else f"-tp{a.tp}pp{a.pp}" + ("sp" if a.sequence_parallel else "")
+    out = Path(a.out) if a.out else RESULTS / f"train_throughput-{kind}-{a.model}-{Path(a.ds_config).stem}{layout}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -29,8 +29,12 @@ class VocabConfig:
     """Residual-VQ codebooks of the audio codec; one frame = one code of each."""
     audio_codebook_size: int = 256
     """Entries per audio codebook."""
-    pad_multiple: int = 128
-    """The total is padded to a multiple of pad_multiple x tensor-parallel size."""
+    pad_multiple: int = 1024
+    """padded_size defaults to the used size rounded up to a multiple of this (1024 =
+    128 x 8: every tensor-parallel degree up to 8 splits it evenly)."""
+    padded_size: int | None = None
+    """Rows of the embedding and head tables, fixed when a model is created, so the
+    parallel layout never changes a checkpoint's shapes. None: derived from pad_multiple."""
 
     def __post_init__(self):
         for name in ("text_size", "image_codes", "image_tokens", "audio_codebooks",
@@ -39,6 +43,18 @@ class VocabConfig:
                 raise ConfigError(f"vocab.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_special < 9:
             raise ConfigError(f"vocab.n_special must be >= 9 (the named specials), got {self.n_special}")
+        if self.padded_size is None:
+            m = self.pad_multiple
+            object.__setattr__(self, "padded_size", -(-self.used_size // m) * m)
+        if self.padded_size < self.used_size:
+            raise ConfigError(f"vocab.padded_size={self.padded_size} is smaller than the "
+                              f"{self.used_size} ids the vocabulary uses")
+
+    @property
+    def used_size(self) -> int:
+        """Ids that mean something: text + specials + image codes + audio codes."""
+        return (self.text_size + self.n_special + self.image_codes
+                + self.audio_codebooks * self.audio_codebook_size)
 
 
 @dataclass(frozen=True)
@@ -118,18 +134,33 @@ class ModelConfig:
             raise ConfigError(f"unknown vocab config field(s): {', '.join(vunknown)}")
         return cls(vocab=VocabConfig(**vocab), **d)
 
-    def num_parameters(self, tp: int = 1) -> int:
-        """Exact parameter count of the model this config builds (no allocation)."""
-        from megamm.vocab import Vocab  # vocab depends on config, not the reverse
-
-        v = Vocab(self.vocab, tp=tp).size
-        d, hd = self.d_model, self.head_dim
+    def parameter_counts(self) -> dict[str, int]:
+        """Exact parameters of the model this config builds, per part (no allocation):
+        `embedding` (table + one vector per modality), `block` (one of n_layers),
+        `blocks`, `final_norm`, `head` (0 when tied) and `total`. The one place that
+        counts parameters: the dry run, FLOPs/MFU and the memory estimator use it."""
+        v, d, hd = self.vocab.padded_size, self.d_model, self.head_dim
         attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-        mlp = 3 * d * self.ffn_dim
-        block = attn + mlp + 2 * d
-        embed = v * d + 4 * d  # token table + one vector per modality
-        head = 0 if self.tie_embeddings else v * d
-        return embed + self.n_layers * block + d + head
+        block = attn + 3 * d * self.ffn_dim + 2 * d  # + SwiGLU + two norms
+        counts = {"embedding": v * d + 4 * d, "block": block, "blocks": self.n_layers * block,
+                  "final_norm": d, "head": 0 if self.tie_embeddings else v * d}
+        counts["total"] = counts["embedding"] + counts["blocks"] + d + counts["head"]
+        return counts
+
+    def num_parameters(self) -> int:
+        """Exact parameter count of the model this config builds (no allocation)."""
+        return self.parameter_counts()["total"]
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Refuse, in one line, a tensor-parallel degree this model cannot be split by."""
+        if tp < 1:
+            raise ConfigError(f"--tp must be >= 1, got {tp}")
+        for name, value in (("n_kv_heads", self.n_kv_heads), ("n_heads", self.n_heads),
+                            ("ffn_dim", self.ffn_dim), ("vocab.padded_size", self.vocab.padded_size)):
+            if value % tp:
+                raise ConfigError(f"--tp {tp} does not divide {name}={value} "
+                                  f"(tensor parallelism splits whole kv-head groups, FFN columns and "
+                                  f"vocabulary rows evenly)")
 
 
 def _llama_ffn_dim(d_model: int, multiple: int = 64) -> int:

@@ -4,7 +4,8 @@ Layout of ids (this module is the only place that knows the offsets):
 
     [ text BPE ids | specials | image codes | audio codebook 0 | ... | audio codebook C-1 | padding ]
 
-padded to a multiple of `pad_multiple x tp` so a vocab-parallel table splits evenly.
+padded to `cfg.padded_size` (fixed with the model, independent of the parallel layout;
+a vocab-parallel table splits it into contiguous row ranges).
 
 A document is `<bos> segment* <eos>`; a segment is one of
 
@@ -55,7 +56,6 @@ class State(IntEnum):
 @dataclass(frozen=True)
 class Vocab:
     cfg: VocabConfig
-    tp: int = 1
 
     # ---- offsets -------------------------------------------------------------------
     @property
@@ -73,12 +73,12 @@ class Vocab:
     @property
     def used_size(self) -> int:
         """Ids that mean something (the rest is padding)."""
-        return self.audio_start + self.cfg.audio_codebooks * self.cfg.audio_codebook_size
+        return self.cfg.used_size
 
     @property
     def size(self) -> int:
-        m = self.cfg.pad_multiple * self.tp
-        return -(-self.used_size // m) * m
+        """Rows of the embedding and head tables (used ids + padding)."""
+        return self.cfg.padded_size
 
     def special(self, name: str) -> int:
         return self.special_start + SPECIAL_NAMES.index(name)
@@ -185,6 +185,11 @@ class Vocab:
             m[lo:hi] = True
         return m
 
+    def allowed_table(self) -> torch.Tensor:
+        """`[n_states, size]` bool: row s is allowed_mask(s). Sliced by columns, it serves
+        any contiguous vocabulary shard."""
+        return torch.stack([self.allowed_mask(s) for s in range(self.n_states)])
+
     def states(self, ids: torch.Tensor) -> torch.Tensor:
         """Grammar state of every position of `ids` `[..., seq]` -> int64 `[..., seq]`.
 
@@ -224,13 +229,14 @@ class Vocab:
         return table
 
     def counted_targets(self, states: torch.Tensor, targets: torch.Tensor, grammar: bool = True,
-                        column_table: torch.Tensor | None = None) -> torch.Tensor:
+                        allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Bool mask of the targets a loss counts: not <pad>, not after a document's end,
-        and (with grammar=True) allowed by the grammar state of their position."""
+        and (with grammar=True) allowed by the grammar state of their position.
+        `allowed`: a cached `allowed_table()` on the tensors' device."""
         counted = (targets != self.pad) & (states != int(State.DONE))
         if grammar:
-            table = self.column_table().to(states.device) if column_table is None else column_table
-            counted = counted & (table[states, targets] >= 0)
+            table = self.allowed_table().to(states.device) if allowed is None else allowed
+            counted = counted & table[states, targets]
         return counted
 
     def check_ids(self, ids, where: str = "ids") -> None:

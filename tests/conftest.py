@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from megamm.config import get_preset
+from megamm.data.synthetic import write_synthetic_dataset
+
 os.environ["TRITON_INTERPRET"] = "1"
 import triton  # noqa: E402,F401  imported now, in interpreter mode, whatever test runs first
 
@@ -29,5 +32,25 @@ def root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic token data set for the `tiny` preset (tests/train, tests/launch)."""
+    from megamm.config import get_preset
+    from megamm.data.synthetic import write_synthetic_dataset
+
+    d = tmp_path_factory.mktemp("tiny_synthetic")
+    write_synthetic_dataset(d, get_preset("tiny").vocab, n_train=400, n_val=40, seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Synthetic shards for the tiny preset (400 train / 40 val documents), shared by the
+    launch tests of tests/train and tests/faults."""
+    d = tmp_path_factory.mktemp("tiny_synthetic")
+    write_synthetic_dataset(d, get_preset("tiny").vocab, n_train=400, n_val=40, seed=0)
+    return d

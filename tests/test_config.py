@@ -54,3 +54,17 @@ def test_config_round_trips_through_dict():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown model config field"):
         ModelConfig.from_dict({**cfg.to_dict(), "dropout": 0.1})
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_parts_add_up(name):
+    c = PRESETS[name].parameter_counts()
+    assert c["total"] == c["embedding"] + c["blocks"] + c["final_norm"] + c["head"]
+    assert c["blocks"] == PRESETS[name].n_layers * c["block"]
+
+
+@pytest.mark.parametrize("tp, culprit", [(3, "n_kv_heads=8"), (16, "n_kv_heads=8"), (0, "--tp must be >= 1")])
+def test_tensor_parallel_degree_that_does_not_divide_is_refused(tp, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        get_preset("8b").check_tensor_parallel(tp)
+    get_preset("8b").check_tensor_parallel(8)  # 8 kv heads, FFN 14336, vocab rows all split by 8

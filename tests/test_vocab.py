@@ -16,10 +16,21 @@ def v():
 
 def test_layout_and_padding(v):
     assert (v.special_start, v.image_start, v.audio_start, v.used_size) == (50, 62, 82, 106)
-    assert v.size == 112 and Vocab(CFG, tp=4).size == 128
+    assert v.size == 112 == CFG.padded_size
     mod = v.modality_table()
     assert mod[49] == Modality.TEXT and mod[50] == Modality.SPECIAL
     assert mod[62] == Modality.IMAGE and mod[82] == Modality.AUDIO and mod[110] == Modality.SPECIAL
+
+
+def test_padded_size_is_fixed_with_the_model():
+    from megamm.config import ConfigError
+
+    default = VocabConfig(text_size=50, n_special=12, image_codes=20, image_tokens=4, audio_codebooks=3,
+                          audio_codebook_size=8)
+    assert default.padded_size == 1024 and Vocab(default).size == 1024
+    assert VocabConfig(text_size=50, padded_size=4096).padded_size == 4096
+    with pytest.raises(ConfigError, match="padded_size=100 is smaller"):
+        VocabConfig(text_size=50, padded_size=100)
 
 
 def test_audio_codes_round_trip_with_per_codebook_offsets(v):

@@ -5,6 +5,10 @@ shards and a meta.json that launch/train.py reads with --data OUT.
     python tools/prepare_data.py MANIFEST.jsonl --out DIR [--tokenizers DIR] [--strict]
         [--workers N] [--val-fraction F] [--seed S] [--mix text_image=1,image_text=1,...]
         [--caption-dropout P]
+    python tools/prepare_data.py --verify DIR
+
+--verify checks every shard of DIR against the checksums its .idx records (see
+megamm/data/shards.py): one line per damaged shard, exit status 2 if any is damaged.
 
 One JSON object per line, paths relative to the manifest's folder:
 
@@ -211,7 +215,8 @@ def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, stric
     from tqdm import tqdm
 
     from megamm.data.documents import DatasetWriter, DocumentMix, build_document, example_rng, split_of
-    from megamm.tokenizers import Tokenizers, ensure_default_tokenizers
+    from megamm.data.default import ensure_default_tokenizers
+    from megamm.tokenizers import Tokenizers
     from megamm.vocab import Vocab
 
     start = time.perf_counter()
@@ -297,7 +302,7 @@ def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, stric
 
 def _inline(tasks, toks):
     """encode_chunk over `tasks` in this process, single-threaded like the workers."""
-    from megamm.tokenizers.training import torch_threads
+    from megamm.runtime import torch_threads
 
     for task in tasks:
         with torch_threads(1):
@@ -331,10 +336,29 @@ def summarise(report: Report) -> str:
     return "\n".join(out)
 
 
+def verify(directory: Path) -> int:
+    """--verify DIR: check every shard's checksums; exit status 0 if all are intact."""
+    from megamm.data.shards import verify_directory
+
+    if not directory.is_dir():
+        print(f"prepare_data: error: directory not found: {directory}", file=sys.stderr)
+        return 2
+    results = verify_directory(directory)
+    if not results:
+        print(f"prepare_data: error: no shards (*.idx) in {directory}", file=sys.stderr)
+        return 2
+    bad = [problem for _, problem in results if problem]
+    for problem in bad:
+        print(f"damaged: {problem}", file=sys.stderr)
+    print(f"{len(results) - len(bad)} of {len(results)} shard(s) in {directory} intact")
+    return 2 if bad else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("manifest", type=Path)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("manifest", type=Path, nargs="?")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--verify", type=Path, metavar="DIR", help="check the shards of DIR against their checksums")
     ap.add_argument("--tokenizers", type=Path, default=None,
                     help="tokenizer directory (text/, image/, audio/); default: the embedded dataset's")
     ap.add_argument("--strict", action="store_true", help="any bad line is fatal")
@@ -345,6 +369,10 @@ def main(argv=None) -> int:
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.verify is not None:
+        return verify(args.verify)
+    if args.manifest is None or args.out is None:
+        ap.error("MANIFEST and --out are required (or --verify DIR)")
 
     from megamm.data.documents import DocumentMix
 

@@ -3,7 +3,7 @@
 `ensure_default_dataset()` returns a data directory launch/train.py can train on
 without --data: train/val shards of "spoken coloured digits" documents
 (megamm/data/digits.py) and a meta.json, next to the default tokenizers. The first
-call trains the tokenizers and writes the shards (a few minutes on a laptop CPU,
+call trains the tokenizers (`load_default`, `ensure_default_tokenizers`) and writes the shards (a few minutes on a laptop CPU,
 with progress on stderr); later calls return at once. It uses the same document
 code as tools/prepare_data.py (megamm/data/documents.py).
 
@@ -12,9 +12,10 @@ Cache layout under `$MEGAMM_CACHE` (default ~/.cache/megamm):
     tokenizers-<key>/{text,image,audio}/     the default tokenizers
     digits-<key>/train-00000.{bin,idx}, val-00000.{bin,idx}, meta.json
 
-`<key>` hashes the recipe, so a changed recipe builds a new entry instead of
-reusing a stale one. Every entry is built in a temporary directory and renamed into
-place, under a lock, so concurrent ranks and killed builds are safe.
+`<key>` hashes the recipe and the shard format version, so a changed recipe or
+format builds a new entry instead of reusing a stale one. Every entry is built in a
+temporary directory and renamed into place, under a lock, so concurrent ranks and
+killed builds are safe.
 """
 from __future__ import annotations
 
@@ -29,9 +30,97 @@ from pathlib import Path
 
 from megamm.data.documents import (DatasetWriter, DocumentMix, EncodedExample, Example, build_document,
                                    encode_examples, example_rng)
-from megamm.tokenizers import DefaultTokenizerRecipe, Tokenizers, ensure_default_tokenizers
-from megamm.tokenizers.cache import build_once, cache_root
-from megamm.tokenizers.training import progress_bar, torch_threads, usable_cores
+from megamm.data.shards import FORMAT_VERSION as SHARD_FORMAT
+from megamm.data.digits import make_split
+from megamm.tokenizers import (AudioCodecConfig, AudioTokenizer, AudioTrainConfig, ImageTokenizer,
+                               ImageTokenizerConfig, ImageTrainConfig, TextTokenizer, Tokenizers)
+from megamm.cache import build_once, cache_root
+from megamm.runtime import progress_bar, torch_threads, usable_cores
+
+
+CACHE_VERSION = 1
+"""Bump when a change to the code makes previously cached builds wrong."""
+
+
+@dataclass(frozen=True)
+class DefaultTokenizerRecipe:
+    """How the default tokenizers are trained; part of their cache key."""
+
+    text_vocab: int = 512
+    image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    image_train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
+    audio: AudioCodecConfig = field(default_factory=AudioCodecConfig)
+    audio_train: AudioTrainConfig = field(default_factory=AudioTrainConfig)
+    colourings: int = 2
+    """Colourings per train digit the image tokenizer sees."""
+    audio_clips: int = 600
+    """Spoken captions (of the train split) the audio codec is trained on."""
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "DefaultTokenizerRecipe":
+        """Small, briefly trained tokenizers (seconds, not minutes) with the default
+        vocabulary sizes; for tests and smoke runs."""
+        return cls(image=ImageTokenizerConfig(channels=32),
+                   image_train=ImageTrainConfig(steps=300, batch_size=32),
+                   audio=AudioCodecConfig(channels=96),
+                   audio_train=AudioTrainConfig(steps=300, batch_size=8, crop_frames=8),
+                   colourings=1, audio_clips=300)
+
+    def key(self) -> str:
+        """Short hash of the recipe and CACHE_VERSION: the name of its cache entry."""
+        blob = json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def load_default(cache_dir: str | Path | None = None, recipe: DefaultTokenizerRecipe | None = None,
+                 progress: bool = True) -> Tokenizers:
+    """The tokenizers of the embedded dataset: loaded from the cache, or trained on its
+    train split (progress on stderr) and cached first. Safe when several processes
+    ask at once: one trains, the others wait for it."""
+    return Tokenizers.load(ensure_default_tokenizers(cache_dir, recipe, progress))
+
+
+def ensure_default_tokenizers(cache_dir: str | Path | None = None,
+                              recipe: DefaultTokenizerRecipe | None = None, progress: bool = True) -> Path:
+    """Directory of the cached default tokenizers (`<cache>/tokenizers-<key>`), trained
+    on first use."""
+    recipe = recipe or DefaultTokenizerRecipe()
+    target = cache_root(cache_dir) / f"tokenizers-{recipe.key()}"
+    return build_once(target, lambda tmp: train_default(recipe, tmp, progress),
+                      what="the default tokenizers", progress=progress)
+
+
+def train_default(recipe: DefaultTokenizerRecipe, out_dir: str | Path, progress: bool = True) -> None:
+    """Train the three tokenizers on the train split of the embedded dataset and save
+    them into `out_dir/{text,image,audio}`. With two usable cores the image VQ-VAE
+    trains in a second process while this one trains the audio codec (each single-
+    threaded, so the result is the same either way)."""
+    out_dir = Path(out_dir)
+    data = make_split("train", colourings=recipe.colourings, seed=recipe.seed)
+    if progress:
+        print(f"megamm: training tokenizers on {len(data)} spoken coloured digits", file=sys.stderr)
+    TextTokenizer.train(data.captions, vocab_size=recipe.text_vocab).save(out_dir / "text")
+    step = max(1, len(data.audio) // recipe.audio_clips)
+    clips = data.audio[::step][: recipe.audio_clips]
+    del data
+    if usable_cores() >= 2:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            image_job = pool.submit(_train_default_image, recipe, str(out_dir / "image"), progress)
+            _train_default_audio(recipe, clips, out_dir / "audio", progress)
+            image_job.result()
+    else:
+        _train_default_image(recipe, str(out_dir / "image"), progress)
+        _train_default_audio(recipe, clips, out_dir / "audio", progress)
+
+
+def _train_default_image(recipe: DefaultTokenizerRecipe, out: str, progress: bool) -> None:
+    data = make_split("train", colourings=recipe.colourings, seed=recipe.seed, audio=False)
+    ImageTokenizer.train(data.images, recipe.image, recipe.image_train, progress=progress).save(out)
+
+
+def _train_default_audio(recipe: DefaultTokenizerRecipe, clips, out: Path, progress: bool) -> None:
+    AudioTokenizer.train(clips, recipe.audio, recipe.audio_train, progress=progress).save(out)
 
 
 @dataclass(frozen=True)
@@ -47,7 +136,8 @@ class DefaultDatasetRecipe:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({"tokenizers": self.tokenizers.key(), **asdict(self)}, sort_keys=True)
+        blob = json.dumps({"tokenizers": self.tokenizers.key(), "shard_format": SHARD_FORMAT, **asdict(self)},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @classmethod
@@ -116,8 +206,6 @@ def build_default_dataset(out: Path, tokenizers_dir: Path, recipe: DefaultDatase
 
 def _encode_range(task: tuple) -> list[EncodedExample]:
     """Encode examples [start, stop) of one split (runs in a worker process or inline)."""
-    from megamm.data.digits import make_split
-
     tokenizers_dir, split, colourings, seed, start, stop = task
     with torch_threads(1):
         toks = _load_tokenizers(tokenizers_dir)

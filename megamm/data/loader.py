@@ -34,8 +34,9 @@ def open_split(data_dir, split: str, vocab: Vocab) -> list[ShardReader]:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{meta_path}: malformed JSON ({e.msg}, line {e.lineno})") from None
-        want = {k: v for k, v in vocab.cfg.__dict__.items() if k != "pad_multiple"}
-        have = {k: v for k, v in meta.get("vocab", {}).items() if k != "pad_multiple"}
+        padding = ("pad_multiple", "padded_size")  # the model's choice, not the data's
+        want = {k: v for k, v in vocab.cfg.__dict__.items() if k not in padding}
+        have = {k: v for k, v in meta.get("vocab", {}).items() if k not in padding}
         if have and have != want:
             diff = sorted(k for k in want if have.get(k) != want[k])
             raise DataError(f"{data_dir} was prepared for another vocabulary "
@@ -71,7 +72,6 @@ class PackedLoader:
         self.state = LoaderState()
         self._plan_epoch = -1
         self._rows: list[np.ndarray] = []
-        self.truncated_docs = int((self._doc_len > self.row_len).sum())
         self._plan(0)
         if len(self._rows) < self.rows_per_step:
             raise DataError(f"the data set packs into {len(self._rows)} rows of {self.row_len} tokens, "
@@ -129,10 +129,6 @@ class PackedLoader:
 
     def load_state_dict(self, d: dict) -> None:
         self.state = LoaderState(epoch=int(d["epoch"]), micro_step=int(d["micro_step"]))
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
 
 def validation_batches(shards: list[ShardReader], vocab: Vocab, seq_len: int, micro_batch: int,

@@ -1,11 +1,22 @@
 """Token shards on disk: `<prefix>.bin` (uint32 tokens, documents back to back) and
-`<prefix>.idx` (a small header + int64 document offsets), both read through numpy memmap.
+`<prefix>.idx` (a small header, int64 document offsets and checksums), both read
+through numpy memmap.
 
-.idx layout (little endian):
-    8 bytes   magic b"MEGAMMI1"
+.idx layout, format 2 (little endian):
+    8 bytes   magic b"MEGAMMI2"
     8 bytes   int64 number of documents D
     8 bytes   int64 vocabulary size the ids were checked against
+    8 bytes   int64 checksum block size B (bytes of .bin per checksum)
     (D+1) x int64 offsets (in tokens) into .bin; offsets[0] == 0
+    K x uint32 CRC-32 of .bin bytes [k*B, min((k+1)*B, size)), K = ceil(4 * offsets[D] / B)
+    4 bytes   uint32 CRC-32 of every .idx byte before it
+
+A reader checks both files once, when it opens them: the .idx against its own
+trailing checksum, then every block of the .bin against the recorded ones; a mismatch
+is a ShardError naming the file and the byte range. Format 1 (magic b"MEGAMMI1", no
+checksums) is refused with a one-line error that says to
+prepare the data again; the embedded default dataset's cache key includes
+FORMAT_VERSION, so its cached copy is rebuilt in the new format on first use.
 
 A writer writes to temporary files and renames them into place on close, so a
 killed writer never leaves a shard that looks complete.
@@ -13,16 +24,28 @@ killed writer never leaves a shard that looks complete.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"MEGAMMI1"
-_HEADER = 24
+FORMAT_VERSION = 2
+MAGIC = b"MEGAMMI2"
+OLD_MAGICS = {b"MEGAMMI1": 1}
+BLOCK_BYTES = 1 << 24
+"""Bytes of .bin covered by one checksum: a mismatch names a 16 MiB range."""
+_HEADER = 32
 
 
 class ShardError(ValueError):
-    """A shard that is missing, truncated or holds ids outside the vocabulary."""
+    """A shard that is missing, truncated, corrupt or holds ids outside the vocabulary."""
+
+
+def block_checksums(data: np.ndarray | bytes, block_bytes: int = BLOCK_BYTES) -> np.ndarray:
+    """uint32 [ceil(nbytes / block_bytes)]: CRC-32 of each block of a byte buffer."""
+    buf = memoryview(data).cast("B")
+    return np.array([zlib.crc32(buf[s: s + block_bytes]) for s in range(0, len(buf), block_bytes)],
+                    dtype="<u4")
 
 
 class ShardWriter:
@@ -33,6 +56,8 @@ class ShardWriter:
         self._tmp_bin = Path(f"{self.prefix}.bin.tmp")
         self._bin = open(self._tmp_bin, "wb")
         self._offsets = [0]
+        self._crcs: list[int] = []
+        self._block_crc, self._block_fill = 0, 0
 
     def add_document(self, ids) -> None:
         arr = np.asarray(ids, dtype=np.int64)
@@ -41,18 +66,29 @@ class ShardWriter:
         if arr.min() < 0 or arr.max() >= self.vocab_size:
             bad = arr.min() if arr.min() < 0 else arr.max()
             raise ShardError(f"{self.prefix}: token id {bad} outside [0, {self.vocab_size})")
-        self._bin.write(arr.astype("<u4").tobytes())
+        raw = memoryview(arr.astype("<u4").tobytes())
+        self._bin.write(raw)
+        while len(raw):  # running CRC-32 per BLOCK_BYTES block, as the bytes go out
+            take = min(len(raw), BLOCK_BYTES - self._block_fill)
+            self._block_crc = zlib.crc32(raw[:take], self._block_crc)
+            self._block_fill += take
+            raw = raw[take:]
+            if self._block_fill == BLOCK_BYTES:
+                self._crcs.append(self._block_crc)
+                self._block_crc, self._block_fill = 0, 0
         self._offsets.append(self._offsets[-1] + arr.size)
 
     def close(self) -> None:
+        if self._block_fill:
+            self._crcs.append(self._block_crc)
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
         tmp_idx = Path(f"{self.prefix}.idx.tmp")
+        body = (MAGIC + np.array([len(self._offsets) - 1, self.vocab_size, BLOCK_BYTES], dtype="<i8").tobytes()
+                + np.asarray(self._offsets, dtype="<i8").tobytes() + np.asarray(self._crcs, dtype="<u4").tobytes())
         with open(tmp_idx, "wb") as f:
-            f.write(MAGIC)
-            f.write(np.array([len(self._offsets) - 1, self.vocab_size], dtype="<i8").tobytes())
-            f.write(np.asarray(self._offsets, dtype="<i8").tobytes())
+            f.write(body + np.array([zlib.crc32(body)], dtype="<u4").tobytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(self._tmp_bin, f"{self.prefix}.bin")
@@ -70,27 +106,51 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Random access to the documents of one shard. `reader[i]` -> uint32 array."""
+    """Random access to the documents of one shard. `reader[i]` -> uint32 array.
 
-    def __init__(self, prefix: str | os.PathLike):
+    Opening checks sizes and checksums (a full read of the .bin, once); `verify=False`
+    skips only the .bin checksums (the .idx is always checked)."""
+
+    def __init__(self, prefix: str | os.PathLike, verify: bool = True):
         self.prefix = Path(prefix)
         idx_path, bin_path = Path(f"{self.prefix}.idx"), Path(f"{self.prefix}.bin")
         for p in (idx_path, bin_path):
             if not p.is_file():
                 raise ShardError(f"shard file missing: {p}")
         raw = idx_path.read_bytes()
-        if len(raw) < _HEADER or raw[:8] != MAGIC:
+        if raw[:8] in OLD_MAGICS:
+            raise ShardError(f"{idx_path}: shard format {OLD_MAGICS[raw[:8]]} has no checksums; prepare the "
+                             f"data again (tools/prepare_data.py writes format {FORMAT_VERSION})")
+        if len(raw) < _HEADER + 12 or raw[:8] != MAGIC:
             raise ShardError(f"{idx_path}: not a megamm index file (bad magic or too short)")
-        n_docs, self.vocab_size = (int(x) for x in np.frombuffer(raw[8:_HEADER], dtype="<i8"))
-        if len(raw) != _HEADER + 8 * (n_docs + 1):
-            raise ShardError(f"{idx_path}: truncated index ({len(raw)} bytes for {n_docs} documents)")
-        self.offsets = np.frombuffer(raw[_HEADER:], dtype="<i8")
+        stored = int(np.frombuffer(raw[-4:], dtype="<u4")[0])
+        if zlib.crc32(raw[:-4]) != stored:
+            raise ShardError(f"{idx_path}: checksum mismatch (the index is corrupt or truncated)")
+        n_docs, self.vocab_size, block = (int(x) for x in np.frombuffer(raw[8:_HEADER], dtype="<i8"))
+        end_offsets = _HEADER + 8 * (n_docs + 1)
+        if n_docs < 0 or block < 1 or end_offsets > len(raw) - 4:
+            raise ShardError(f"{idx_path}: malformed header ({n_docs} documents, block size {block})")
+        self.offsets = np.frombuffer(raw[_HEADER:end_offsets], dtype="<i8")
         n_tokens = int(self.offsets[-1])
+        self.checksums = np.frombuffer(raw[end_offsets:-4], dtype="<u4")
+        if len(self.checksums) != -(-4 * n_tokens // block):
+            raise ShardError(f"{idx_path}: {len(self.checksums)} checksums for {4 * n_tokens} bytes of tokens")
         size = bin_path.stat().st_size
         if size != 4 * n_tokens:
             raise ShardError(f"{bin_path}: truncated or wrong size ({size} bytes, index says {4 * n_tokens})")
         self.tokens = (np.memmap(bin_path, dtype="<u4", mode="r") if n_tokens
                        else np.zeros(0, dtype="<u4"))
+        if verify:
+            self._verify_bin(bin_path, block)
+
+    def _verify_bin(self, bin_path: Path, block: int) -> None:
+        got = block_checksums(self.tokens, block)
+        bad = np.flatnonzero(got != self.checksums)
+        if len(bad):
+            k = int(bad[0])
+            raise ShardError(f"{bin_path}: checksum mismatch in bytes [{k * block}, "
+                             f"{min((k + 1) * block, 4 * self.n_tokens)}) ({len(bad)} bad block(s)); "
+                             "the shard is corrupt, prepare it again")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -112,7 +172,19 @@ class ShardReader:
             raise ShardError(f"{self.prefix}.bin: token id {bad} outside the model vocabulary [0, {vocab_size})")
 
 
-def list_shards(directory: str | os.PathLike, split: str) -> list[Path]:
-    """Shard prefixes `<dir>/<split>*.idx`, sorted."""
+def list_shards(directory: str | os.PathLike, split: str = "") -> list[Path]:
+    """Shard prefixes `<dir>/<split>*.idx`, sorted (every shard when split is empty)."""
     directory = Path(directory)
     return sorted(p.with_suffix("") for p in directory.glob(f"{split}*.idx"))
+
+
+def verify_directory(directory: str | os.PathLike) -> list[tuple[Path, str | None]]:
+    """(prefix, None if intact else the one-line problem) for every shard in a directory."""
+    out = []
+    for prefix in list_shards(directory):
+        try:
+            ShardReader(prefix)
+            out.append((prefix, None))
+        except ShardError as e:
+            out.append((prefix, str(e)))
+    return out

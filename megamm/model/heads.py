@@ -1,8 +1,10 @@
 """Input embedding (token table + one learned vector per modality) and the output head
-whose rows are grouped per modality, with the loss under the modality grammar.
+whose rows are grouped per modality (the image head is the image block of rows).
 
-The loss lives inside `OutputHead.forward` so that, under ZeRO-3, the head weight is
-gathered exactly while it is used.
+The head's forward computes the loss (megamm.model.loss) when given targets, so that
+under ZeRO-3 its weight is gathered exactly while it is used. Both tables may hold a
+contiguous shard of the vocabulary's rows: `vocab_start` says where it begins
+(megamm.parallel sets it; a plain model holds every row from 0).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import ModelConfig
-from megamm.model.layers import init_normal_
+from megamm.model.layers import normal_
+from megamm.model.loss import GrammarTables, grammar_loss
 from megamm.vocab import MODALITY_NAMES, Vocab
 
 
@@ -23,30 +26,40 @@ class TokenEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab: Vocab, device=None):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
+        self.tables = GrammarTables(vocab)
         self.weight = nn.Parameter(torch.empty(vocab.size, cfg.d_model, device=device))
-        self.modality = nn.Parameter(torch.empty(len(MODALITY_NAMES), cfg.d_model, device=device))
-        self.register_buffer("modality_of_id", vocab.modality_table().to(device), persistent=False)
-        if self.weight.device.type != "meta":
-            self.reset_parameters()
+        self.modality = nn.Parameter(torch.zeros(len(MODALITY_NAMES), cfg.d_model, device=device))
 
-    def reset_parameters(self):
-        init_normal_(self.weight, self.cfg.init_std)
-        nn.init.zeros_(self.modality)
-        self.modality_of_id = self.vocab.modality_table().to(self.weight.device)
+    def init_full(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
+        if name == "weight":
+            normal_(full, self.cfg.init_std, generator)
+        else:  # modality vectors start at zero
+            full.zero_()
+
+    def modality_vectors(self, ids):
+        """ids [B,S] -> the modality vector of each id [B,S,D]."""
+        return F.embedding(self.tables.get(ids.device)[1][ids], self.modality)
 
     def forward(self, ids):
-        return F.embedding(ids, self.weight) + F.embedding(self.modality_of_id[ids], self.modality)
+        return F.embedding(ids, self.weight) + self.modality_vectors(ids)
 
     def folded_table(self) -> torch.Tensor:
         """[V,D] table with the modality vectors added in: a plain embedding for export."""
-        return self.weight + self.modality[self.modality_of_id]
+        return self.weight + self.modality[self.tables.get(self.weight.device)[1]]
 
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar: mean cross-entropy (+ z-loss) over counted targets
+    loss_sum: torch.Tensor  # scalar: the same, summed instead of averaged
     modality_sum: torch.Tensor  # [4] summed cross-entropy per target modality (detached)
     modality_count: torch.Tensor  # [4] counted targets per modality
+
+    @classmethod
+    def from_head(cls, loss_sum: torch.Tensor, stats: torch.Tensor) -> "LossOutput":
+        m = len(MODALITY_NAMES)
+        return cls(loss=loss_sum / stats[m:].sum().clamp(min=1), loss_sum=loss_sum,
+                   modality_sum=stats[:m], modality_count=stats[m:])
 
     def modality_losses(self) -> dict[str, float]:
         """Mean loss per modality that had targets (call after any cross-rank sum)."""
@@ -55,69 +68,27 @@ class LossOutput:
 
 
 class OutputHead(nn.Module):
-    """Final hidden [B,S,D] -> logits [B,S,V]; with targets, the loss.
+    """Final hidden [B,S,D] -> logits [B,S,V]; with states and targets, the loss as the
+    plain tuple (loss_sum, stats) of megamm.model.loss.grammar_loss.
 
-    Rows are grouped per modality exactly as the vocabulary is, so the image head is
-    `weight[image_start:audio_start]`. With loss_scope "modality" each position's
-    softmax runs only over the id ranges its grammar state allows.
+    A tuple, not a dataclass: ZeRO-3 finds the tensors of a module's output to hook its
+    backward (and re-gather this weight) and does not look inside dataclasses.
     """
+
+    vocab_start = 0  # first vocabulary row held here
+    group = None  # process group over which the rows are split (None: all rows here)
 
     def __init__(self, cfg: ModelConfig, vocab: Vocab, device=None):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
+        self.tables = GrammarTables(vocab)
         self.weight = nn.Parameter(torch.empty(vocab.size, cfg.d_model, device=device))
-        self._ranges = [vocab.allowed_ranges(s) for s in range(vocab.n_states)]
-        self.register_buffer("column_table", vocab.column_table().to(device), persistent=False)
-        self.register_buffer("modality_of_id", vocab.modality_table().to(device), persistent=False)
-        if self.weight.device.type != "meta":
-            self.reset_parameters()
 
-    def reset_parameters(self):
-        init_normal_(self.weight, self.cfg.init_std)
-        self.column_table = self.vocab.column_table().to(self.weight.device)
-        self.modality_of_id = self.vocab.modality_table().to(self.weight.device)
+    def init_full(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
+        normal_(full, self.cfg.init_std, generator)
 
-    def forward(self, h, targets=None, states=None):
-        """Logits [B,S,V], or with targets the tuple (loss, modality_sum, modality_count).
-
-        A plain tuple, not LossOutput: ZeRO-3 finds the tensors of a module's output to
-        hook its backward (and re-gather this weight) and does not look inside dataclasses.
-        """
+    def forward(self, h, states=None, targets=None):
         if targets is None:
             return F.linear(h, self.weight)
-        out = self.loss(h, targets, states)
-        return out.loss, out.modality_sum, out.modality_count
-
-    def loss(self, h, targets, states) -> LossOutput:
-        """h [B,S,D], targets [B,S] (next ids), states [B,S] (grammar state of each input)."""
-        h, targets, states = h.reshape(-1, h.shape[-1]), targets.reshape(-1), states.reshape(-1)
-        grammar = self.cfg.loss_scope == "modality"
-        counted = self.vocab.counted_targets(states, targets, grammar, self.column_table)
-        ce = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
-        z = torch.zeros_like(ce)
-        if not grammar:  # loss_scope "full"
-            logits = F.linear(h, self.weight).float()
-            lse = torch.logsumexp(logits, -1)
-            ce = lse - logits.gather(-1, targets[:, None]).squeeze(-1)
-            z = lse
-        else:
-            cols = self.column_table[states, targets]  # -1 (not counted): the grammar forbids it
-            for s, ranges in enumerate(self._ranges):
-                idx = torch.nonzero(counted & (states == s)).flatten()
-                if idx.numel() == 0:
-                    continue
-                hs = h[idx]
-                logits = torch.cat([F.linear(hs, self.weight[lo:hi]) for lo, hi in ranges], -1).float()
-                lse = torch.logsumexp(logits, -1)
-                ce_s = lse - logits.gather(-1, cols[idx, None]).squeeze(-1)
-                ce = ce.index_put((idx,), ce_s)
-                z = z.index_put((idx,), lse)
-        w = counted.float()
-        n = w.sum().clamp(min=1)
-        loss = (ce * w).sum() / n
-        if self.cfg.z_loss > 0:
-            loss = loss + self.cfg.z_loss * (z.pow(2) * w).sum() / n
-        mod = self.modality_of_id[targets]
-        msum = torch.zeros(len(MODALITY_NAMES), device=h.device).index_add(0, mod, (ce * w).detach())
-        mcount = torch.zeros(len(MODALITY_NAMES), device=h.device).index_add(0, mod, w)
-        return LossOutput(loss=loss, modality_sum=msum, modality_count=mcount)
+        return grammar_loss(h, self.weight, self.vocab_start, states, targets, self.tables,
+                            self.cfg.loss_scope, self.cfg.z_loss, self.group)

@@ -1,7 +1,7 @@
 """The transformer block and its parts: RMSNorm, RoPE, GQA attention, SwiGLU.
 
 Shapes: B batch, S sequence, D d_model, H query heads, G key/value heads, Dh head dim.
-Every module can be built on the meta device; `reset_parameters()` fills its weights.
+Every module can be built on the meta device; megamm.model.init fills its weights.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 
 import megamm.kernels as K
 from megamm.config import ModelConfig
+from megamm.model.attention import attend, choose_backend
 
 
 # ---- kernel selection ---------------------------------------------------------------
@@ -50,16 +51,18 @@ def apply_rope(q, k, positions, theta: float, mode: str):
 
 
 # ---- modules -------------------------------------------------------------------------
+# Each leaf module with parameters says how to fill the FULL (unsharded) tensor of each
+# of its parameters (`init_full`); megamm.model.init draws it from a generator keyed by
+# the parameter's name and keeps the local shard, so every layout starts from the
+# single-process weights.
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, kernels: str = "auto", device=None):
         super().__init__()
         self.eps, self.kernels = eps, kernels
-        self.weight = nn.Parameter(torch.empty(dim, device=device))
-        if self.weight.device.type != "meta":
-            self.reset_parameters()
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
+    def init_full(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
+        full.fill_(1.0)
 
     def forward(self, x, residual=None):
         """rms_norm(x); with residual: (rms_norm(x + residual), x + residual), fused.
@@ -69,38 +72,32 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps, self.kernels)
 
 
-@torch.no_grad()
-def init_normal_(param: torch.Tensor, std: float, truncate: bool = False) -> None:
-    """Fill param from N(0, std^2) (truncated at 3 std), drawn in fp32 whatever param's
-    dtype, so the random stream and values do not depend on the precision (a bf16
-    parameter under deepspeed.zero.Init gets the same draws, rounded)."""
-    w = param.new_empty(param.shape, dtype=torch.float32)  # not torch.empty: zero.Init recasts that
+def normal_(full: torch.Tensor, std: float, generator: torch.Generator, truncate: bool = False) -> None:
+    """Fill an fp32 tensor from N(0, std^2) (truncated at 3 std when asked)."""
     if truncate:
-        nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(full, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
     else:
-        nn.init.normal_(w, std=std)
-    param.copy_(w)
+        nn.init.normal_(full, mean=0.0, std=std, generator=generator)
 
 
 class Linear(nn.Linear):
-    """Bias-free nn.Linear that initialises itself from a truncated normal of `std`.
-
-    Each leaf module initialises its own parameters inside its __init__, so that
-    `deepspeed.zero.Init` (which partitions a module's parameters as soon as its
-    __init__ returns) sees initialised values, and building on a device or on meta +
-    init_weights() draws the same numbers in the same order.
-    """
+    """Bias-free nn.Linear initialised from a truncated normal of `std`."""
 
     def __init__(self, d_in: int, d_out: int, std: float, device=None):
         self.std = std
         super().__init__(d_in, d_out, bias=False, device=device)
 
-    def reset_parameters(self):
-        if self.weight.device.type != "meta":
-            init_normal_(self.weight, self.std, truncate=True)
+    def reset_parameters(self):  # nn.Linear's own init is replaced by init_full
+        pass
+
+    def init_full(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
+        normal_(full, self.std, generator, truncate=True)
 
 
 class Attention(nn.Module):
+    """GQA self-attention. Head counts are read from the projections' shapes, so the
+    same module runs a tensor-parallel shard (whole kv groups per rank) unchanged."""
+
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.cfg = cfg
@@ -111,16 +108,17 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, cfg.n_kv_heads * hd, std, device=device)
         self.o_proj = Linear(cfg.n_heads * hd, d, out_std, device=device)
 
-    def forward(self, x, positions, attn):
-        """x [B,S,D]; positions [B,S]; attn: an AttentionMask for this batch."""
+    def forward(self, x, positions, doc_ids):
+        """x [B,S,D]; positions, doc_ids [B,S] (from megamm.model.attention.document_positions)."""
         B, S, _ = x.shape
-        cfg = self.cfg
-        q = self.q_proj(x).view(B, S, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, S, cfg.n_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, S, cfg.n_kv_heads, cfg.head_dim)
+        hd, cfg = self.cfg.head_dim, self.cfg
+        q = self.q_proj(x).view(B, S, -1, hd)  # [B,S,H_local,Dh]
+        k = self.k_proj(x).view(B, S, -1, hd)  # [B,S,G_local,Dh]
+        v = self.v_proj(x).view(B, S, -1, hd)
         q, k = apply_rope(q, k, positions, cfg.rope_theta, cfg.kernels)
-        out = attn.attend(q, k, v)  # [B,S,H,Dh]
-        return self.o_proj(out.reshape(B, S, cfg.n_heads * cfg.head_dim))
+        backend = choose_backend(cfg.attention, x.device, x.dtype)
+        out = attend(q, k, v, doc_ids, backend)  # [B,S,H_local,Dh]
+        return self.o_proj(out.reshape(B, S, -1))
 
 
 class SwiGLU(nn.Module):
@@ -145,6 +143,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels, device=device)
         self.mlp = SwiGLU(cfg, device=device)
 
-    def forward(self, x, positions, attn):
-        h, x = self.mlp_norm(self.attn(self.attn_norm(x), positions, attn), residual=x)
+    def forward(self, x, positions, doc_ids):
+        """x [B,S,D] -> [B,S,D]; positions, doc_ids [B,S] locate each token in its document."""
+        h, x = self.mlp_norm(self.attn(self.attn_norm(x), positions, doc_ids), residual=x)
         return x + self.mlp(h)

@@ -29,7 +29,9 @@ from megamm.tokenizers.dsp import mel_filters
 from megamm.tokenizers.io import load_weights, read_info, save_weights, write_info
 from megamm.tokenizers.layers import ResBlock
 from megamm.tokenizers.quantize import ResidualVQ
-from megamm.tokenizers.training import code_usage, progress_bar, torch_threads, warmup_cosine
+from megamm.tokenizers.codebook_stats import code_usage
+from megamm.runtime import progress_bar, torch_threads
+from megamm.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from megamm.tokenizers.io import load_weights, read_info, save_weights, write_info
 from megamm.tokenizers.quantize import VectorQuantizer
 from megamm.tokenizers.layers import ResBlock
-from megamm.tokenizers.training import code_usage, progress_bar, torch_threads, warmup_cosine
+from megamm.tokenizers.codebook_stats import code_usage
+from megamm.runtime import progress_bar, torch_threads
+from megamm.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)

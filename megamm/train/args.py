@@ -25,7 +25,17 @@ class TrainArgs:
     save_dir: str | None = None
     save_interval: int = 0
     """Save every N optimizer steps (0: only at the end, when save_dir is set)."""
+    keep_last: int = 0
+    """Keep only the K newest checkpoints, deleting older ones after a newer one verifies (0: all)."""
+    max_bad_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     resume: bool = False
+    auto_resume: bool = False
+    """Resume when --save-dir has a `latest` checkpoint, else start fresh (batch jobs that may be requeued)."""
+    dist_timeout: float = 600.0
+    """Seconds a collective waits for a silent rank before the job fails (torch.distributed timeout)."""
+    init_from: str | None = None
+    """Start from this checkpoint's weights (any layout; fresh optimizer and schedule)."""
     eval_interval: int = 0
     eval_batches: int = 8
     dry_run: bool = False
@@ -36,11 +46,19 @@ class TrainArgs:
     kernels: str | None = None
     log_interval: int = 1
     progress: bool = True
+    tp: int = 1
+    """Tensor-parallel degree; data parallelism is the rest of the world."""
+    pp: int = 1
+    """Pipeline-parallel degree (needs ZeRO stage 0 or 1)."""
+    sequence_parallel: bool = False
+    """Keep norms and residuals split along the sequence inside the tp group."""
 
     def __post_init__(self):
         checks = {"max_steps": self.max_steps >= 1, "warmup": self.warmup >= 0,
-                  "save_interval": self.save_interval >= 0, "eval_interval": self.eval_interval >= 0,
-                  "eval_batches": self.eval_batches >= 1, "log_interval": self.log_interval >= 1}
+                  "save_interval": self.save_interval >= 0, "keep_last": self.keep_last >= 0,
+                  "max_bad_steps": self.max_bad_steps >= 1, "eval_interval": self.eval_interval >= 0,
+                  "eval_batches": self.eval_batches >= 1, "log_interval": self.log_interval >= 1,
+                  "tp": self.tp >= 1, "pp": self.pp >= 1, "dist_timeout": self.dist_timeout > 0}
         for name in ("seq_len", "micro_batch", "grad_accum"):
             if getattr(self, name) is not None:
                 checks[name] = getattr(self, name) >= 1
@@ -71,7 +89,18 @@ def parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=1234)
     a("--save-dir")
     a("--save-interval", type=int, default=0)
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    a("--keep-last", type=int, default=0, metavar="K",
+      help="keep only the K newest checkpoints; older ones go once a newer one verifies (0: keep all)")
+    a("--resume", action="store_true",
+      help="continue from the newest intact checkpoint in --save-dir (damaged ones are skipped with a warning)")
+    a("--max-bad-steps", type=int, default=10, metavar="N",
+      help="stop after N consecutive steps with a non-finite loss or gradient norm (each is skipped)")
+    a("--auto-resume", action="store_true",
+      help="resume from --save-dir's latest checkpoint when there is one (for requeued batch jobs)")
+    a("--dist-timeout", type=float, default=600.0,
+      help="seconds a collective waits for a silent rank before the job fails (default 600)")
+    a("--init-from", default=None, help="start from this checkpoint's weights (any layout; fresh "
+      "optimizer and schedule; --resume of --save-dir takes precedence)")
     a("--eval-interval", type=int, default=0, help="validation loss every N steps (0: off)")
     a("--eval-batches", type=int, default=8)
     a("--dry-run", action="store_true", help="build on the meta device, print the size and layout, exit")
@@ -81,6 +110,9 @@ def parser() -> argparse.ArgumentParser:
     a("--activation-checkpointing", dest="activation_checkpointing", action="store_const", const=True)
     a("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const", const=False)
     a("--kernels", choices=["auto", "triton", "torch"])
+    a("--tp", type=int, default=1, help="tensor-parallel degree")
+    a("--pp", type=int, default=1, help="pipeline-parallel degree (ZeRO stage 0/1 only)")
+    a("--sequence-parallel", action="store_true", help="split norms/residuals along the sequence (tp > 1)")
     a("--log-interval", type=int, default=1)
     a("--no-progress", dest="progress", action="store_false")
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed

@@ -16,15 +16,15 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, vocab_size: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters + causal attention scores.
 
-    Attention: 2 matmuls (QK^T, PV) x 2 flops x seq/2 (causal) x d per layer, x3 for
-    forward + backward.
+    Matmul parameters: the blocks without their norms, plus the output head (the
+    embedding is a lookup). Attention: 2 matmuls (QK^T, PV) x 2 flops x seq/2 (causal)
+    x d per layer, x3 for forward + backward.
     """
-    d, hd = cfg.d_model, cfg.head_dim
-    per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.ffn_dim
-    matmul_params = cfg.n_layers * per_layer + vocab_size * d  # output head; embedding is a lookup
+    counts, d = cfg.parameter_counts(), cfg.d_model
+    matmul_params = counts["blocks"] - cfg.n_layers * 2 * d + cfg.vocab.padded_size * d
     attention = 3 * cfg.n_layers * 2 * 2 * (seq_len / 2) * d
     return 6 * matmul_params + attention
 
@@ -52,7 +52,3 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -14,9 +14,10 @@ from megamm.data import digits
 from megamm.data.default import DefaultDatasetRecipe
 from megamm.data.documents import DocumentMix, build_document, encode_examples, example_rng, split_document, split_of
 from megamm.data.shards import ShardReader, list_shards
-from megamm.tokenizers import Tokenizers, ensure_default_tokenizers
+from megamm.data.default import ensure_default_tokenizers
+from megamm.tokenizers import Tokenizers
 from megamm.tokenizers.dsp import mel_distance, psnr_db
-from megamm.tokenizers.training import torch_threads
+from megamm.runtime import torch_threads
 from megamm.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from megamm.config import ModelConfig, VocabConfig
-from megamm.model import Transformer, build_model
+from megamm.model import Transformer, build_model, materialize
+from megamm.model.layers import Block
 from megamm.vocab import State, Vocab
 
 VOCAB = VocabConfig(text_size=40, n_special=10, image_codes=16, image_tokens=4, audio_codebooks=2,
@@ -101,12 +102,20 @@ def test_attention_is_causal():
     torch.testing.assert_close(m(changed)[:, :30], full[:, :30])
 
 
-def test_meta_build_plus_init_weights_equals_building_on_a_device():
-    torch.manual_seed(11)
-    direct = Transformer(CFG, device="cpu")
-    via_meta = build_model(CFG, seed=11)
-    for (n, p), q in zip(direct.named_parameters(), via_meta.parameters()):
+def test_init_depends_only_on_the_seed_and_each_parameters_name():
+    a, b, c = build_model(CFG, seed=11), build_model(CFG, seed=11), build_model(CFG, seed=12)
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(p, q), n
+        if p.std() > 0:  # norms (ones) and modality vectors (zeros) do not depend on the seed
+            assert not torch.equal(p, r), n
+    # a block built on its own (as a pipeline stage builds it) under its plain-model name
+    with torch.device("meta"):
+        block = Block(CFG, device="meta")
+    materialize(block, "cpu", seed=11, prefix="layers.1.")
+    for (n, p), q in zip(block.named_parameters(), a.layers[1].parameters()):
+        assert torch.equal(p, q), n
+    # the residual-branch outputs start smaller than the other projections
+    assert a.layers[0].attn.o_proj.weight.std() < 0.75 * a.layers[0].attn.q_proj.weight.std()
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -6,7 +6,8 @@ import pytest
 
 from megamm.data.default import DefaultDatasetRecipe, ensure_default_dataset
 from megamm.data.digits import make_split
-from megamm.tokenizers import Tokenizers, ensure_default_tokenizers
+from megamm.data.default import ensure_default_tokenizers
+from megamm.tokenizers import Tokenizers
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ from megamm.data import digits
 from megamm.data.default import DefaultDatasetRecipe, build_default_dataset, ensure_default_dataset
 from megamm.data.documents import split_document
 from megamm.data.shards import ShardReader, list_shards
-from megamm.tokenizers import load_default, load_for_data
+from megamm.data.default import load_default
+from megamm.tokenizers import load_for_data
 from megamm.vocab import Vocab
 
 

@@ -5,11 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from megamm.config import get_preset
-from megamm.data.synthetic import write_synthetic_dataset
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -38,10 +33,3 @@ def losses(save_dir) -> dict[int, dict]:
         r = json.loads(line)
         out[r["step"]] = r
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_synthetic")
-    write_synthetic_dataset(d, get_preset("tiny").vocab, n_train=400, n_val=40, seed=0)
-    return d

@@ -78,3 +78,29 @@ def test_dry_run_prints_the_8b_parameter_count_without_allocating():
     n = int(first.removeprefix("parameters: ").replace(",", ""))
     assert 8.0e9 <= n <= 8.7e9 and first == f"parameters: {n:,}"
     assert "zero_stage=3" in proc.stdout and "offload=param->cpu, optimizer->cpu" in proc.stdout
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--tp", "2", "--pp", "2"], ["--pp 2 needs ZeRO stage 0 or 1", "zero1_3d.json"]),
+    (["--model", "8b", "--tp", "3"], ["--tp 3 does not divide n_kv_heads=8"]),
+    (["--ds_config", "zero1.json", "--sequence-parallel"], ["--sequence-parallel needs --tp > 1"]),
+    (["--ds_config", "zero1.json", "--tp", "4", "--sequence-parallel", "--seq-len", "130"],
+     ["--seq-len divisible by --tp 4"]),
+    (["--ds_config", "zero1_3d.json", "--pp", "9"], ["--pp 9 is more stages than"]),
+    (["--tp", "0"], ["--tp", "out of range"]),
+])
+def test_impossible_layouts_are_refused(flags, fragments):
+    assert_one_line_error(run_train([*flags, "--dry-run"]), *fragments)
+
+
+def test_world_size_that_tp_times_pp_does_not_divide(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    assert_one_line_error(run_train(["--ds_config", "zero1_3d.json", "--tp", "2", "--pp", "2", "--dry-run"]),
+                          "world size 6 is not divisible by --tp x --pp = 2 x 2")
+
+
+def test_dry_run_shows_the_3d_layout():
+    proc = run_train(["--model", "8b", "--ds_config", "zero1_3d.json", "--tp", "2", "--pp", "2", "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert "layout: tp=2 pp=2 dp=1 (world 4)  zero_stage=1" in proc.stdout
+    assert "35 pipeline layers over 2 stages" in proc.stdout

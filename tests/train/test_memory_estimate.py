@@ -23,6 +23,15 @@ CONFIGS = sorted(p.name for p in ds_config.DS_CONFIG_DIR.glob("*.json"))
 MEASURED = [(m, c) for m in ("tiny", "small") for c in ("zero3_offload.json", "zero2.json", "zero1.json")]
 
 
+def ensure_libaio() -> None:
+    """DeepSpeed's NVMe swapper compiles its async_io op against libaio: install Debian's
+    libaio-dev when missing (CI runs as root on Debian, as the launch tests assume)."""
+    if not os.path.exists("/usr/include/libaio.h"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", "libaio-dev"], check=True, capture_output=True, env=env)
+
+
 class Runs:
     """`launch/train.py` runs keyed by (preset, config), each made once: (proc, peak RSS bytes)."""
 
@@ -42,6 +51,7 @@ class Runs:
         nvme = [z[k] for k in ("offload_param", "offload_optimizer") if z.get(k, {}).get("device") == "nvme"]
         if not nvme:
             return name
+        ensure_libaio()
         for section in nvme:
             section["nvme_path"] = str(self.tmp / "nvme")
         path = self.tmp / name

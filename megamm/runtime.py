@@ -1,13 +1,11 @@
-"""Helpers shared by the tokenizer training loops: progress bars, the learning-rate
-schedule, and codebook statistics."""
+"""Process-level helpers shared by the tokenizer trainers, the default-data build and
+the tools: progress bars, intra-op thread counts, usable cores."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -16,23 +14,6 @@ def progress_bar(iterable, desc: str, enabled: bool = True, total: int | None = 
     """A tqdm bar on stderr (silent when `enabled` is False)."""
     return tqdm(iterable, desc=desc, disable=not enabled, file=sys.stderr, leave=False, total=total,
                 unit=unit, dynamic_ncols=True, mininterval=0.5)
-
-
-def warmup_cosine(step: int, total: int, warmup: int = 50, floor: float = 0.05) -> float:
-    """Learning-rate factor: linear warm-up, then cosine decay from 1 to `floor`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def code_usage(codes: np.ndarray, codebook_size: int) -> dict:
-    """Fraction of codes used at least once in `codes`, and the perplexity of their
-    distribution (= codebook_size when all codes are equally frequent)."""
-    counts = np.bincount(np.asarray(codes).reshape(-1), minlength=codebook_size)
-    p = counts / max(counts.sum(), 1)
-    entropy = -float(np.sum(p[p > 0] * np.log(p[p > 0])))
-    return {"used_fraction": float((counts > 0).mean()), "perplexity": float(math.exp(entropy))}
 
 
 @contextmanager
@@ -58,3 +39,4 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+

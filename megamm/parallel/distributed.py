@@ -1,0 +1,75 @@
+"""Process-group set-up shared by training and the tools: one place that knows how a
+rank finds its peers (launcher variables, or none for a single process), which backend
+to use, and the few collectives the loop needs outside the engine."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+
+def single_process_env() -> None:
+    """`python launch/train.py` without a launcher: make this process rank 0 of 1."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
+def init_distributed(timeout_s: float = 600.0) -> torch.device:
+    """Initialise torch.distributed through DeepSpeed on this rank's accelerator and
+    return the device this rank computes on. Ranks come from the launcher's variables
+    (deepspeed, torchrun, srun tasks via megamm.parallel.cluster, mpirun via mpi4py), or
+    this is a single process. A collective waits at most `timeout_s` for a silent rank.
+    CPU ranks use gloo (the CPU accelerator prefers oneCCL, which a CPU torch wheel does
+    not have) and share the machine's cores."""
+    from datetime import timedelta
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from megamm.parallel import cluster
+
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    acc = get_accelerator()
+    backend = acc.communication_backend_name()
+    if backend == "ccl":
+        backend = "gloo"
+    cluster.set_rank_env(os.environ)  # srun tasks: RANK & co. from SLURM's variables
+    single_process_env()
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                               distributed_port=cluster.mpi_port(os.environ))
+    device = torch.device(acc.device_name(acc.current_device()))
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # ranks on one machine share its cores; oversubscribed threads crawl
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return device
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum over `group` (default: every rank); a no-op in a single process."""
+    import torch.distributed as dist
+
+    if is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t

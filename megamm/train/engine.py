@@ -1,0 +1,179 @@
+"""The DeepSpeed engine of a run and one training step as a unit.
+
+Two modes (DeepSpeed refuses ZeRO-2/3 under its pipeline engine):
+  pp = 1: the whole model (tensor-parallel shards when tp > 1) under the ZeRO engine,
+          ZeRO 0-3 with any offload; the micro-batch loop is ours.
+  pp > 1: deepspeed.pipe stages (megamm.parallel.pipeline) under the pipeline engine,
+          ZeRO 0-1; `train_batch()` runs the 1F1B schedule.
+`Trainer.train_step(batches)` hides which: either way the step optimises the mean
+loss over every counted target token of the global batch (all micro-batches, all
+data-parallel replicas), so every layout optimises the same objective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megamm.config import ConfigError, ModelConfig
+from megamm.model.loss import N_STATS, GrammarTables
+from megamm.parallel.build import build_transformer
+from megamm.parallel.distributed import all_reduce_sum
+from megamm.parallel.tensor_parallel import TensorParallel
+from megamm.parallel.topology import ParallelGroups, Topology
+from megamm.train import ds_config
+from megamm.train.bad_steps import BadStepGuard
+from megamm.train.init_from import copy_into
+from megamm.vocab import MODALITY_NAMES, Vocab
+
+
+def check_layout(cfg: ModelConfig, ds_cfg: dict, topo: Topology, sequence_parallel: bool) -> None:
+    """Refuse, in one line naming the flag, a layout this model or DeepSpeed cannot run."""
+    cfg.check_tensor_parallel(topo.tp)
+    stage = ds_config.zero_stage(ds_cfg)
+    if topo.pp > 1 and stage > 1:
+        raise ConfigError(f"--pp {topo.pp} needs ZeRO stage 0 or 1 (DeepSpeed's pipeline engine refuses "
+                          f"ZeRO-2/3; this config has stage {stage}): use --ds_config zero1_3d.json, "
+                          f"or --pp 1 with ZeRO-3 + --tp for large models")
+    if topo.pp > cfg.n_layers + 3:
+        raise ConfigError(f"--pp {topo.pp} is more stages than the model's {cfg.n_layers + 3} layers "
+                          f"(embedding, {cfg.n_layers} blocks, norm, head)")
+    if sequence_parallel:
+        if topo.tp == 1:
+            raise ConfigError("--sequence-parallel needs --tp > 1 (it splits the sequence over the tp group)")
+        if cfg.max_seq_len % topo.tp:
+            raise ConfigError(f"--sequence-parallel needs --seq-len divisible by --tp {topo.tp}, "
+                              f"got {cfg.max_seq_len}")
+
+
+def _dtype(ds_cfg: dict) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ds_config.precision(ds_cfg)]
+
+
+@dataclass
+class Trainer:
+    engine: object
+    groups: ParallelGroups
+    vocab: Vocab
+    device: torch.device
+    grammar: bool
+    tables: GrammarTables
+    guard: BadStepGuard
+    pipeline_loss: object | None = None  # PipelineLoss when pp > 1
+
+    @property
+    def topo(self) -> Topology:
+        return self.groups.topo
+
+    @property
+    def gas(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    def _global_count(self, batches) -> float:
+        """Counted target tokens of the global batch (every micro-batch of every replica)."""
+        allowed = self.tables.get("cpu")[0]
+        n = sum(float(self.vocab.counted_targets(self.vocab.states(x), y, self.grammar, allowed).sum())
+                for x, y in batches)
+        t = torch.tensor([n], dtype=torch.float64, device=self.device)
+        return float(all_reduce_sum(t, self.groups.dp_group).cpu())
+
+    def _gather_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """Per-modality sums over data-parallel replicas, known on every rank. Only the
+        last stage has statistics, and its tp ranks hold identical copies: one counts."""
+        mine = self.groups.is_last_stage() and self.groups.tp_rank == 0
+        t = (stats if mine else torch.zeros(N_STATS, dtype=torch.float64)).to(self.device)
+        return all_reduce_sum(t).cpu()
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0) -> dict:
+        """One optimizer step over `gas` micro-batches (inputs, targets) -> its record.
+        `step` (from 1) numbers it for the bad-step guard's fault injection."""
+        if len(batches) != self.gas:
+            raise ValueError(f"a step takes {self.gas} micro-batches, got {len(batches)}")
+        # DeepSpeed divides by gas and averages over data parallel; undo both and divide
+        # by the global token count: the gradient is that of the global token mean.
+        scale = self.gas * self.topo.dp / max(self._global_count(batches), 1.0)
+        if self.pipeline_loss is not None:
+            self.pipeline_loss.scale = scale
+            self.pipeline_loss.guard = lambda loss: self.guard.loss_for_backward(loss, step)
+            self.engine.train_batch(iter([((x, y), y) for x, y in batches]))
+            self.pipeline_loss.guard = None
+            stats = self.pipeline_loss.take_stats()
+        else:
+            stats = torch.zeros(N_STATS, dtype=torch.float64)
+            for x, y in batches:
+                out = self.engine(x.to(self.device), y.to(self.device))
+                self.engine.backward(self.guard.loss_for_backward(out.loss_sum * scale, step))
+                self.engine.step()
+                stats += torch.cat([out.modality_sum, out.modality_count]).double().cpu()
+        rec = loss_record(self._gather_stats(stats), "")
+        rec["lr"] = float(self.engine.get_lr()[0])
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            rec["grad_norm"] = float(gn)
+        rec.update(self.guard.after_step(self.engine, step))  # skipped_steps
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict:
+        """val_loss* records over this rank's validation micro-batches."""
+        self.engine.eval()
+        if self.pipeline_loss is not None:
+            self.pipeline_loss.take_stats()
+            self.engine.eval_batch(iter([((x, y), y) for x, y in batches]), num_micro_batches=len(batches))
+            stats = self.pipeline_loss.take_stats()
+        else:
+            stats = torch.zeros(N_STATS, dtype=torch.float64)
+            for x, y in batches:
+                out = self.engine(x.to(self.device), y.to(self.device))
+                stats += torch.cat([out.modality_sum, out.modality_count]).double().cpu()
+        self.engine.train()
+        return loss_record(self._gather_stats(stats), "val_")
+
+
+def loss_record(stats: torch.Tensor, prefix: str) -> dict:
+    """Token-mean losses (overall and per modality) from summed statistics [N_STATS]."""
+    m = len(MODALITY_NAMES)
+    rec = {f"{prefix}loss": float(stats[:m].sum() / stats[m:].sum().clamp(min=1))}
+    for i, name in enumerate(MODALITY_NAMES):
+        if stats[m + i] > 0:
+            rec[f"{prefix}loss_{name}"] = float(stats[i] / stats[m + i])
+    return rec
+
+
+def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device: torch.device, seed: int,
+                  sequence_parallel: bool = False, lr_lambda=None, guard: BadStepGuard | None = None,
+                  init_state: dict | None = None) -> Trainer:
+    """The engine for this rank's part of the model under `ds_cfg`; `init_state` (the
+    whole plain model's weights, megamm.train.init_from) replaces the initial weights."""
+    import deepspeed
+
+    topo = groups.topo
+    tp = (TensorParallel(groups.tp_group, groups.tp_rank, topo.tp, sequence_parallel)
+          if topo.tp > 1 else None)
+    scheduler = None
+    if "scheduler" not in ds_cfg and lr_lambda is not None:
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # noqa: E731
+    pipeline_loss = None
+    if topo.pp > 1:
+        from megamm.parallel.pipeline import build_pipeline
+
+        model, pipeline_loss = build_pipeline(cfg, topo, tp, device, seed)
+        if init_state is not None:
+            copy_into(model, init_state, cfg.n_layers, groups.tp_rank, topo.tp, pipeline=True)
+        engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, lr_scheduler=scheduler,
+                                               model_parameters=[p for p in model.parameters() if p.requires_grad])
+    else:
+        zero3 = ds_config.zero_stage(ds_cfg) == 3
+        # ZeRO-3: built on the host in the training precision (never whole on the
+        # accelerator), then partitioned over data parallel as zero.Init would while building
+        model = (build_transformer(cfg, "cpu", seed, tp, dtype=_dtype(ds_cfg)) if zero3
+                 else build_transformer(cfg, device, seed, tp))
+        if init_state is not None:
+            copy_into(model, init_state, cfg.n_layers, groups.tp_rank, topo.tp, pipeline=False)
+        if zero3:
+            deepspeed.zero.Init(module=model, config_dict_or_path=ds_cfg, data_parallel_group=groups.dp_group)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
+                                               mpu=groups, lr_scheduler=scheduler)
+    vocab = Vocab(cfg.vocab)
+    return Trainer(engine=engine, groups=groups, vocab=vocab, device=device, grammar=cfg.loss_scope == "modality",
+                   tables=GrammarTables(vocab), guard=guard or BadStepGuard(), pipeline_loss=pipeline_loss)
