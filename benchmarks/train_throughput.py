@@ -1,13 +1,22 @@
 #!/usr/bin/env python
-"""Training throughput (tokens/s, and MFU on GPU) of a preset under a DeepSpeed config.
+"""Training throughput of a preset under a DeepSpeed config, against the baseline a user
+would otherwise pick: stock `transformers.LlamaForCausalLM` of the same shapes under the
+same DeepSpeed config and batch (benchmarks/hf_baseline.py).
 
     python benchmarks/train_throughput.py --model tiny --ds_config zero3_offload.json
-    deepspeed --num_gpus 4 benchmarks/train_throughput.py --ds_config zero1_3d.json --tp 2 --pp 2
-    deepspeed --num_gpus 8 benchmarks/train_throughput.py --model 8b --ds_config zero3_offload.json --seq-len 4096
+    python benchmarks/train_throughput.py --model 1b --ds_config zero2.json --gpus 1 --seq-len 2048
 
-Runs the real trainer (megamm.train.loop.run) on synthetic grammar-valid data (or
---data DIR), drops the first --warmup-steps, and records the median step of the rest in
-benchmarks/results/train_throughput-<device>-<model>-<config>.json.
+One command, one result: it writes a synthetic grammar-valid data set (or takes --data),
+then launches each implementation in its own process (`deepspeed --num_gpus N`, or plain
+python for one CPU rank) so peak memory is per implementation. Each child reports the
+median of its steps after --warmup-steps: tokens/s, TFLOP/s (model FLOPs, the formula of
+megamm.train.metrics), MFU (GPU), peak GPU memory, peak host RSS of rank 0. The result
+holds both and `speedup` = megamm tokens/s / baseline tokens/s, at equal loss definition:
+megamm runs `--loss-scope full` (plain softmax over the whole vocabulary, what
+LlamaForCausalLM computes); `--loss-scope modality` adds megamm's default grammar loss as
+a third row. Written to benchmarks/results/train_throughput-<cpu|cuda>-<model>-<config>.json.
+
+`--impl megamm|hf` runs one implementation in this process (what the children do).
 """
 from __future__ import annotations
 
@@ -16,20 +25,18 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from megamm.config import get_preset
-from megamm.data.synthetic import write_synthetic_dataset
-from megamm.train.args import TrainArgs
-from megamm.train.loop import run
-
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def device_name() -> str:
@@ -38,61 +45,148 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default="zero3_offload.json")
-    p.add_argument("--data", help="token shards (default: a synthetic data set in a temp dir)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--micro-batch", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--out", help="result JSON path (default under benchmarks/results/)")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    a = p.add_argument
+    a("--model", default="tiny")
+    a("--ds_config", "--ds-config", dest="ds_config", default="zero3_offload.json")
+    a("--data", help="token shards (default: a synthetic data set in a temp dir)")
+    a("--gpus", type=int, default=1, help="ranks per implementation (deepspeed --num_gpus)")
+    a("--seq-len", type=int)
+    a("--micro-batch", type=int)
+    a("--grad-accum", type=int)
+    a("--precision", choices=["bf16", "fp16", "fp32"])
+    a("--activation-checkpointing", dest="activation_checkpointing", action="store_const", const=True)
+    a("--loss-scope", choices=["full", "modality"], default="full",
+      help="megamm's loss: full (= the baseline's definition) or modality (adds the grammar loss row)")
+    a("--tp", type=int, default=1, help="tensor-parallel degree (megamm)")
+    a("--pp", type=int, default=1, help="pipeline-parallel degree (megamm; ZeRO 0/1)")
+    a("--sequence-parallel", action="store_true")
+    a("--steps", type=int, default=20)
+    a("--warmup-steps", type=int, default=3)
+    a("--seed", type=int, default=1234)
+    a("--impls", default="megamm,hf", help="comma-separated: which implementations to run")
+    a("--memory-fraction", type=float,
+      help="cap each GPU process with torch.cuda.set_per_process_memory_fraction (e.g. 48 GB of 80)")
+    a("--out", help="result JSON path (default under benchmarks/results/)")
+    a("--impl", choices=["megamm", "hf"], help=argparse.SUPPRESS)
+    a("--loss-scope-run", choices=["full", "modality"], help=argparse.SUPPRESS)
+    a("--child-out", help=argparse.SUPPRESS)
+    a("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+# ---- one implementation, in this process ----------------------------------------------------
+def _train_args(a, loss_scope):
+    from megamm.train.args import TrainArgs
+
+    return TrainArgs(ds_config=a.ds_config, model=a.model, data=a.data, seq_len=a.seq_len,
+                     micro_batch=a.micro_batch, grad_accum=a.grad_accum, precision=a.precision,
+                     activation_checkpointing=a.activation_checkpointing, loss_scope=loss_scope,
+                     max_steps=a.steps, warmup=1, seed=a.seed, progress=False, tp=a.tp, pp=a.pp,
+                     sequence_parallel=a.sequence_parallel)
+
+
+def run_one(a) -> int:
+    """Train one implementation; rank 0 writes its summary to --child-out."""
+    if a.memory_fraction and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(a.memory_fraction)
+    from megamm.train import ds_config, loop
+    from megamm.train.metrics import flops_per_token, peak_flops
+
+    args = _train_args(a, a.loss_scope_run)
+    ds_cfg = ds_config.apply_overrides(ds_config.load(a.ds_config), micro_batch=a.micro_batch,
+                                       grad_accum=a.grad_accum, precision=a.precision)
+    cfg = loop.model_config(args, ds_cfg)
+    if a.impl == "megamm":
+        records = loop.run(args)
+    else:
+        import hf_baseline
+
+        from megamm.parallel.distributed import init_distributed
+
+        device = init_distributed()
+        records = hf_baseline.train(cfg, ds_cfg, a.data, a.steps, a.seed, device)
+    if not records:  # not rank 0
+        return 0
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    timed = records[a.warmup_steps:]
+    tok_s = statistics.median(r["tokens_per_s"] for r in timed)
+    flops = flops_per_token(cfg, cfg.max_seq_len) * tok_s
+    peak = peak_flops(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    summary = {
+        "impl": a.impl, "loss_scope": a.loss_scope_run if a.impl == "megamm" else "full (HF labels)",
+        "tokens_per_s": tok_s, "step_time_s": statistics.median(r["step_time_s"] for r in timed),
+        "tflops": flops / 1e12, "mfu": flops / (peak * world) if peak else None,
+        "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
+        "losses": [r["loss"] for r in records],
+    }
+    Path(a.child_out).write_text(json.dumps(summary))
+    return 0
+
+
+# ---- the driver: data, one process per implementation, the combined result -----------------
+def _launch(a, impl, loss_scope, data, out) -> dict:
+    own = [x for x in (sys.argv[1:]) if not x.startswith("--local_rank")]
+    child = [str(Path(__file__).resolve()), *own, "--data", str(data), "--impl", impl,
+             "--loss-scope-run", loss_scope, "--child-out", str(out)]
+    if a.gpus == 1 and not torch.cuda.is_available():
+        cmd = [sys.executable, *child]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(a.gpus), *child]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode or not out.is_file():
+        raise RuntimeError(f"{impl} run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     if a.steps <= a.warmup_steps:
         print(f"error: --steps ({a.steps}) must exceed --warmup-steps ({a.warmup_steps})", file=sys.stderr)
         return 2
+    if a.impl:
+        return run_one(a)
+    from megamm.config import ConfigError, get_preset
+    from megamm.data.synthetic import write_synthetic_dataset
 
+    try:
+        cfg = get_preset(a.model)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    impls = [x for x in a.impls.split(",") if x]
     with tempfile.TemporaryDirectory() as tmp:
-        data = a.data
-        if data is None:  # each rank writes its own copy (same seed, same bytes): no waiting
-            data = write_synthetic_dataset(Path(tmp) / f"data-rank{os.environ.get('RANK', '0')}",
-                                           get_preset(a.model).vocab, n_train=4000, n_val=8)
-        args = TrainArgs(ds_config=a.ds_config, model=a.model, data=str(data), seq_len=a.seq_len,
-                         micro_batch=a.micro_batch, grad_accum=a.grad_accum, precision=a.precision,
-                         max_steps=a.steps, warmup=1, progress=False, tp=a.tp, pp=a.pp,
-                         sequence_parallel=a.sequence_parallel)
-        records = run(args)
-    if not records:  # not rank 0
-        return 0
-    timed = records[a.warmup_steps:]
-    tok_s = statistics.median(r["tokens_per_s"] for r in timed)
+        data = a.data or write_synthetic_dataset(Path(tmp) / "data", cfg.vocab, n_train=4000, n_val=8)
+        rows = []
+        for impl in impls:
+            rows.append(_launch(a, impl, a.loss_scope if impl == "megamm" else "full", data, Path(tmp) / f"{impl}.json"))
+        if "megamm" in impls and a.loss_scope == "full":
+            rows.append(_launch(a, "megamm", "modality", data, Path(tmp) / "megamm-modality.json"))
+    by = {(r["impl"], r["loss_scope"]): r for r in rows}
+    mm, hf = by.get(("megamm", "full")), next((r for r in rows if r["impl"] == "hf"), None)
     result = {
         "benchmark": "train_throughput",
-        "model": a.model, "ds_config": a.ds_config,
-        "layout": {"tp": a.tp, "pp": a.pp, "sequence_parallel": a.sequence_parallel},
-        "device": device_name(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "tokens_per_s": tok_s,
-        "step_time_s": statistics.median(r["step_time_s"] for r in timed),
-        "mfu": statistics.median(r["mfu"] for r in timed) if "mfu" in timed[0] else None,
-        "peak_mem_gb": max(r.get("mem_gb", 0.0) for r in timed) or None,
-        "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
-        "steps": a.steps, "warmup_steps": a.warmup_steps,
-        "seq_len": a.seq_len or get_preset(a.model).max_seq_len,
+        "model": a.model, "ds_config": a.ds_config, "device": device_name(), "world_size": a.gpus,
+        "seq_len": a.seq_len or cfg.max_seq_len, "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
+        "precision": a.precision, "steps": a.steps, "warmup_steps": a.warmup_steps,
+        "results": rows,
+        "speedup": mm["tokens_per_s"] / hf["tokens_per_s"] if mm and hf else None,
+        "speedup_definition": "megamm (--loss-scope full) tokens/s / transformers.LlamaForCausalLM tokens/s",
         "versions": {"torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__,
+                     "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(shlex.quote(x) for x in
-                            ["deepspeed", "--num_gpus", os.environ.get("LOCAL_WORLD_SIZE", "1"), *sys.argv]
-                            if not x.startswith("--local_rank")),
+        "command": " ".join(shlex.quote(x) for x in ["python", "benchmarks/train_throughput.py", *sys.argv[1:]]),
     }
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "results"}, indent=1))
+    for r in rows:
+        print(f"{r['impl']:>6} loss={r['loss_scope']:<16} {r['tokens_per_s']:10.1f} tok/s  "
+              f"{r['tflops']:.4f} TFLOP/s  host {r['peak_host_rss_gb']:.2f} GB")
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     layout = "" if a.tp == a.pp == 1 else f"-tp{a.tp}pp{a.pp}" + ("sp" if a.sequence_parallel else "")
     out = Path(a.out) if a.out else RESULTS / f"train_throughput-{kind}-{a.model}-{Path(a.ds_config).stem}{layout}.json"

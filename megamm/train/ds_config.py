@@ -59,7 +59,9 @@ def apply_overrides(cfg: dict, *, micro_batch=None, grad_accum=None, lr=None, pr
     if precision is not None:
         if precision not in ("bf16", "fp16", "fp32"):
             raise DSConfigError(f"--precision must be bf16, fp16 or fp32, got {precision!r}")
-        cfg["bf16"] = {"enabled": precision == "bf16"}
+        # bf16 keeps the file's bf16 options (bf16_master_weights_and_grads,
+        # bf16_optimizer_states); fp32/fp16 drop them: they only exist under bf16.
+        cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": True} if precision == "bf16" else {"enabled": False}
         fp16 = dict(cfg.get("fp16", {}))
         fp16["enabled"] = precision == "fp16"
         cfg["fp16"] = fp16

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every GPU measurement of megamm in one command, for a fresh GPU machine (<= 25 min on
+# one H100/H200). Writes JSON (and logs) to benchmarks/results/ (or $OUT/results when
+# $OUT is set, e.g. under the device tool, so they come back).
+#
+#   bash benchmarks/gpu_suite.sh
+#
+# DeepSpeed is carried as wheels: on the CPU machine run
+#   bash ../shared/device/make_wheels.sh liger-kernel==0.8.5
+# and carry `.whl`; this script installs them when .whl/ exists. Steps (each has its own
+# time limit, and a failed step is recorded without stopping the rest):
+#   1. kernels vs torch eager / torch.compile / Liger-Kernel / copy bandwidth  (benchmarks/kernels.py)
+#   2. the bf16 kernel accuracy check                                           (kernels.py --check)
+#   3. memory baseline of a CUDA rank (process RSS, CUDA context)               (memory_baseline.py)
+#   4. 1b throughput / TFLOP/s / MFU vs transformers.LlamaForCausalLM, zero2    (train_throughput.py)
+#   5. 8b, several steps under zero3_offload, capped at 48 GB with
+#      torch.cuda.set_per_process_memory_fraction, next to the estimator's prediction
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$root${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+fi
+res=${OUT:+$OUT/results}
+res=${res:-$root/benchmarks/results}
+mkdir -p "$res"
+status="$res/gpu_suite-status.txt"
+: > "$status"
+total_gb=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 1e9)")
+frac=$(python3 -c "print(min(1.0, 48 / $total_gb))")  # a 48 GB GPU on a bigger one
+start=$(date +%s)
+
+step() {  # step NAME LIMIT_S CMD...: run, log, record the exit status and the time taken
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$res/gpu_suite-$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$(( $(date +%s) - t0 ))" | tee -a "$status"
+}
+
+step kernels 300 python3 benchmarks/kernels.py
+cp benchmarks/results/kernels-*.json "$res/" 2>/dev/null
+step kernels_check 240 python3 benchmarks/kernels.py --check
+step memory_baseline 120 python3 benchmarks/memory_baseline.py --out "$res/memory_baseline-cuda.json"
+step throughput_1b 420 python3 benchmarks/train_throughput.py --model 1b --ds_config zero2.json --gpus 1 \
+  --seq-len 2048 --micro-batch 4 --grad-accum 1 --steps 12 --warmup-steps 3 \
+  --out "$res/train_throughput-cuda-1b-zero2.json"
+step estimate_8b 30 python3 tools/estimate_memory.py --model 8b --ds_config zero3_offload.json --gpus 1 \
+  --micro-batch 1 --seq-len 4096
+cp "$res/gpu_suite-estimate_8b.log" "$res/estimate_memory-8b-zero3_offload.txt"
+step throughput_8b 480 python3 benchmarks/train_throughput.py --model 8b --ds_config zero3_offload.json --gpus 1 \
+  --seq-len 4096 --micro-batch 1 --grad-accum 1 --steps 4 --warmup-steps 1 --impls megamm --loss-scope modality \
+  --memory-fraction "$frac" --out "$res/train_throughput-cuda-8b-zero3_offload.json"
+echo "total seconds=$(( $(date +%s) - start )) (device $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))'))" \
+  | tee -a "$status"
