@@ -15,6 +15,7 @@ setup(
         "megamm.data",
         "megamm.train",
         "megamm.tokenizers",
+        "megamm.eval",
         "megamm.kernels",
     ],
     package_dir={"megamm.kernels": "kernels"},
