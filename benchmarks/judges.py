@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Accuracy and cost of the evaluation judges (megamm.eval.judges) on the held-out split
+of the embedded dataset, for the default and/or the quick tokenizers.
+
+    python benchmarks/judges.py [--tokenizers default quick] [--cache DIR]
+                                [--out benchmarks/results/judges-cpu.json]
+
+For each set of tokenizers (taken from the cache, trained there first if missing) the
+judges are trained afresh with the default JudgeRecipe (nothing is read from or
+written to the judges' cache), and the record holds:
+  training   wall and CPU seconds per judge (the image judge trains in a second process
+             when two cores are usable, so wall time overlaps), load average
+  heldout    image: digit / foreground / background / all-three accuracy; audio: mean
+             word accuracy and fraction of exact transcripts; each on the originals and
+             on their round trips through the tokenizers (2 paintings per held-out digit)
+  speed      images judged per second, seconds of speech transcribed per second
+Timings on a shared machine swing with its load: the CPU seconds are the steadier figure.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(tokenizers, progress: bool) -> dict:
+    from megamm.data.digits import SAMPLE_RATE, make_split
+    from megamm.eval.judges import JudgeRecipe, train_judges
+    from megamm.runtime import torch_threads
+
+    recipe = JudgeRecipe()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    start = time.perf_counter()
+    image_judge, audio_judge = train_judges(recipe, tokenizers, progress)
+    wall = time.perf_counter() - start
+    val = make_split("val", colourings=recipe.val_colourings)
+    with torch_threads(1):
+        t = time.perf_counter()
+        image_judge.predict(val.images)
+        images_per_s = len(val.images) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        audio_judge.transcribe(val.audio)
+        speech_per_s = sum(a.size for a in val.audio) / SAMPLE_RATE / (time.perf_counter() - t)
+    report = {k: image_judge.report[k] for k in ("steps", "train_images", "train_s", "train_cpu_s")}
+    areport = {k: audio_judge.report[k] for k in ("steps", "train_clips", "train_s", "train_cpu_s")}
+    return {
+        "training": {"image": report, "audio": areport, "both_wall_s_including_heldout_eval": round(wall, 1),
+                     "load_average_before": load_before,
+                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "heldout": {"examples": len(val), "image": image_judge.report["heldout"],
+                    "audio": audio_judge.report["heldout"]},
+        "speed_single_thread": {"images_per_s": round(images_per_s, 1),
+                                "speech_seconds_per_s": round(speech_per_s, 1)},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokenizers", nargs="+", choices=("default", "quick"), default=["default", "quick"])
+    ap.add_argument("--cache", type=Path, default=None, help="tokenizer cache (default: $MEGAMM_CACHE)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "judges-cpu.json")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    import sklearn
+
+    from megamm.data.default import DefaultTokenizerRecipe, load_default
+    from megamm.eval.judges import JudgeRecipe
+    from dataclasses import asdict
+
+    result = {
+        "benchmark": "judges",
+        "command": " ".join(["python", "benchmarks/judges.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **device_info(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "scikit-learn": sklearn.__version__},
+        "recipe": asdict(JudgeRecipe()),
+    }
+    for name in args.tokenizers:
+        tok_recipe = DefaultTokenizerRecipe() if name == "default" else DefaultTokenizerRecipe.quick()
+        tokenizers = load_default(args.cache, tok_recipe, progress=not args.quiet)
+        print(f"benchmarking the judges for the {name} tokenizers ...", file=sys.stderr)
+        result[f"{name}_tokenizers"] = {"tokenizer_recipe_key": tok_recipe.key(),
+                                        **bench(tokenizers, not args.quiet)}
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def device_info() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"device": "cpu", "cpu": model, "cores": len(os.sched_getaffinity(0))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

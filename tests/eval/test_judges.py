@@ -1,0 +1,169 @@
+"""The evaluation judges (megamm.eval.judges): caption parsing and word accuracy, the
+judges' accuracy on the held-out split (originals and round trips through the quick
+tokenizers), garbage input, files and the cache."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import megamm.eval.judges as judges_module
+from megamm.data.digits import WORDS, load_word_clips
+from megamm.eval.audio_judge import roundtrip_audio, word_spans
+from megamm.eval.image_judge import roundtrip_images
+from megamm.eval.judges import (PAINTS, AudioJudge, ImageJudge, JudgeRecipe, caption_fields, load_judges,
+                                tokenizer_fingerprint, word_accuracy)
+from megamm.tokenizers import ImageTokenizer, Tokenizers
+
+# Floors on the 180 held-out examples. Measured with the quick tokenizers (default
+# JudgeRecipe, 2 colourings per digit): image 1.0 / 1.0 / 1.0 on originals and
+# 0.997 / 0.997 / 1.0 (digit / foreground / background) on round trips; audio word
+# accuracy 1.0 on originals and on round trips. An untrained judge scores ~0.1.
+IMAGE_MIN = 0.95
+IMAGE_ROUNDTRIP_MIN = 0.93
+AUDIO_MIN = 0.9
+AUDIO_ROUNDTRIP_MIN = 0.9
+
+
+def test_caption_fields():
+    assert caption_fields("dark green eight on bright cyan") == {
+        "digit": 8, "foreground": "dark green", "background": "bright cyan"}
+    assert len(PAINTS) == 12 and PAINTS[0] == "dark red" and PAINTS[-1] == "bright magenta"
+    for bad in ("", "dark green eight", "dark green eight in bright cyan", "dark green ten on bright cyan",
+                "pale green eight on bright cyan", "dark green eight on bright cyan please"):
+        with pytest.raises(ValueError, match="caption"):
+            caption_fields(bad)
+
+
+def test_caption_fields_of_every_heldout_caption(val):
+    fields = [caption_fields(c) for c in val.captions]
+    assert [f["digit"] for f in fields] == val.digits.tolist()
+    assert all(f["foreground"].split()[1] != f["background"].split()[1] for f in fields)
+
+
+def test_word_accuracy():
+    ref = "dark green eight on bright cyan"
+    assert word_accuracy(ref, ref) == 1.0
+    assert word_accuracy(ref, "dark green nine on bright cyan") == pytest.approx(5 / 6)  # substitution
+    assert word_accuracy(ref, "dark green on bright cyan") == pytest.approx(5 / 6)  # deletion
+    assert word_accuracy(ref, "dark green eight eight on bright cyan") == pytest.approx(6 / 7)  # insertion
+    assert word_accuracy(ref, "cyan bright on eight green dark") == pytest.approx(1 / 6)  # order counts
+    assert word_accuracy(ref, " ".join(WORDS)) < 0.5  # saying everything is not recovering the caption
+    assert word_accuracy(ref, "") == 0.0 and word_accuracy("", "") == 1.0 and word_accuracy("", "on") == 0.0
+
+
+def test_image_judge_reads_heldout_images(judges, val):
+    image_judge, _ = judges
+    acc = image_judge.accuracy(val.images, val.captions)
+    print("image judge, held-out originals:", acc)
+    assert all(acc[k] >= IMAGE_MIN for k in ("digit", "foreground", "background")), acc
+
+
+def test_image_judge_reads_heldout_roundtrips(judges, val, quick_tokenizers):
+    image_judge, _ = judges
+    recon = roundtrip_images(quick_tokenizers.image, val.images)
+    acc = image_judge.accuracy(recon, val.captions)
+    print("image judge, held-out tokenizer round trips:", acc)
+    assert all(acc[k] >= IMAGE_ROUNDTRIP_MIN for k in ("digit", "foreground", "background")), acc
+
+
+def test_audio_judge_transcribes_heldout_speech(judges, val):
+    _, audio_judge = judges
+    hyp = audio_judge.transcribe(val.audio)
+    acc = np.mean([word_accuracy(r, h) for r, h in zip(val.captions, hyp)])
+    print("audio judge, held-out originals: word accuracy", acc)
+    assert acc >= AUDIO_MIN
+
+
+def test_audio_judge_transcribes_heldout_roundtrips(judges, val, quick_tokenizers):
+    _, audio_judge = judges
+    hyp = audio_judge.transcribe(roundtrip_audio(quick_tokenizers.audio, val.audio))
+    acc = np.mean([word_accuracy(r, h) for r, h in zip(val.captions, hyp)])
+    print("audio judge, held-out codec round trips: word accuracy", acc)
+    assert acc >= AUDIO_ROUNDTRIP_MIN
+
+
+def test_reports_hold_the_heldout_accuracies(judges):
+    image_judge, audio_judge = judges
+    assert image_judge.report["heldout"]["original"]["digit"] >= IMAGE_MIN
+    assert image_judge.report["heldout"]["roundtrip"]["all"] >= IMAGE_ROUNDTRIP_MIN - 0.05
+    assert audio_judge.report["heldout"]["roundtrip"]["word_accuracy"] >= AUDIO_ROUNDTRIP_MIN
+    assert image_judge.report["train_s"] > 0 and audio_judge.report["train_s"] > 0
+
+
+def test_garbage_images_do_not_crash(judges):
+    image_judge, _ = judges
+    rng = np.random.default_rng(0)
+    garbage = np.stack([rng.integers(0, 256, (28, 28, 3)), np.zeros((28, 28, 3)), np.full((28, 28, 3), 255),
+                        np.full((28, 28, 3), 90)]).astype(np.uint8)
+    for images in (garbage, garbage[:1], rng.integers(0, 256, (2, 40, 40, 3)).astype(np.uint8)):
+        out = image_judge.predict(images)
+        assert len(out) == len(images)
+        for p in out:
+            assert set(p) == {"digit", "foreground", "background"}
+            assert p["digit"] in range(10) and p["foreground"] in PAINTS and p["background"] in PAINTS
+    assert image_judge.predict(np.zeros((0, 28, 28, 3), np.uint8)) == []
+    with pytest.raises(ValueError, match="shape"):
+        image_judge.predict(np.zeros((28, 28, 3), np.uint8))
+
+
+def test_garbage_audio_does_not_crash(judges):
+    _, audio_judge = judges
+    rng = np.random.default_rng(0)
+    silence, short, empty = np.zeros(32000, np.float32), np.full(10, 0.5, np.float32), np.zeros(0, np.float32)
+    noise = (0.3 * rng.normal(size=24000)).astype(np.float32)
+    out = audio_judge.transcribe([silence, noise, short, empty, silence * 0 + 1e-4])
+    assert len(out) == 5 and out[0] == "" and out[3] == ""
+    assert all(w in WORDS for text in out for w in text.split())
+    assert audio_judge.transcribe([]) == []
+    with pytest.raises(ValueError, match="shape"):
+        audio_judge.transcribe([np.zeros((2, 100), np.float32)])
+
+
+def test_word_spans_find_the_clips_or_refuse(val):
+    clips = load_word_clips()
+    spans = word_spans(val.audio[0], val.captions[0], clips)
+    assert len(spans) == 6 and all(a < b <= c for (a, b), (c, _) in zip(spans, spans[1:]))
+    for (start, stop), word in zip(spans, val.captions[0].split()):
+        assert np.array_equal(val.audio[0][start:stop], clips[word])
+    other = next(c for c in val.captions if c != val.captions[0])
+    with pytest.raises(ValueError, match="not the spoken caption"):
+        word_spans(val.audio[0], other, clips)
+    with pytest.raises(ValueError, match="not the spoken caption"):
+        word_spans(val.audio[0] * 0.5, val.captions[0], clips)
+
+
+def test_save_load_and_wrong_kind(judges, tmp_path, val):
+    image_judge, audio_judge = judges
+    image_judge.save(tmp_path / "image")
+    audio_judge.save(tmp_path / "audio")
+    assert ImageJudge.load(tmp_path / "image").predict(val.images[:20]) == image_judge.predict(val.images[:20])
+    assert AudioJudge.load(tmp_path / "audio").transcribe(val.audio[:5]) == audio_judge.transcribe(val.audio[:5])
+    with pytest.raises(ValueError, match="audio_judge"):
+        ImageJudge.load(tmp_path / "audio")
+    with pytest.raises(FileNotFoundError):
+        AudioJudge.load(tmp_path)
+
+
+def test_second_load_is_a_cache_hit(judges, quick_tokenizers, quick_cache, monkeypatch, val):
+    def no_training(*args, **kwargs):
+        raise AssertionError("load_judges trained again instead of loading the cached judges")
+
+    monkeypatch.setattr(judges_module, "train_judges", no_training)
+    image_judge, audio_judge = load_judges(quick_tokenizers, cache_dir=quick_cache, progress=False)
+    assert image_judge.predict(val.images[:20]) == judges[0].predict(val.images[:20])
+    assert audio_judge.report == judges[1].report
+    key = JudgeRecipe().key(quick_tokenizers)
+    assert (quick_cache / f"judges-{key}" / "image" / "model.safetensors").is_file()
+
+
+def test_cache_key_follows_tokenizer_content_and_recipe(quick_tokenizers):
+    model = copy.deepcopy(quick_tokenizers.image.model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    other = Tokenizers(quick_tokenizers.text, ImageTokenizer(quick_tokenizers.image.cfg, model),
+                       quick_tokenizers.audio)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(quick_tokenizers)
+    assert JudgeRecipe().key(other) != JudgeRecipe().key(quick_tokenizers)
+    assert JudgeRecipe().key(quick_tokenizers) == JudgeRecipe().key(quick_tokenizers)
+    assert JudgeRecipe(val_colourings=1).key(quick_tokenizers) != JudgeRecipe().key(quick_tokenizers)
