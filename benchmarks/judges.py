@@ -14,6 +14,12 @@ written to the judges' cache), and the record holds:
              word accuracy and fraction of exact transcripts; each on the originals and
              on their round trips through the tokenizers (2 paintings per held-out digit)
   speed      images judged per second, seconds of speech transcribed per second
+  robustness each set's judges on inputs unlike their training data: round trips
+             with each code replaced by a random one with a probability drawn per
+             example from [0, 0.3] (mean 15%: heavier than the judges' own training
+             corruption), images with pixel noise (sigma 20 levels), speech with white
+             noise at 10 dB SNR, and (with both sets) round trips through the other
+             set's tokenizers
 Timings on a shared machine swing with its load: the CPU seconds are the steadier figure.
 """
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(tokenizers, progress: bool) -> dict:
+def bench(tokenizers, progress: bool) -> tuple[dict, tuple]:
     from megamm.data.digits import SAMPLE_RATE, make_split
     from megamm.eval.judges import JudgeRecipe, train_judges
     from megamm.runtime import torch_threads
@@ -61,7 +67,45 @@ def bench(tokenizers, progress: bool) -> dict:
                     "audio": audio_judge.report["heldout"]},
         "speed_single_thread": {"images_per_s": round(images_per_s, 1),
                                 "speech_seconds_per_s": round(speech_per_s, 1)},
-    }
+    }, (image_judge, audio_judge)
+
+
+def robustness(judges, tokenizers, other_tokenizers=None, seed: int = 0) -> dict:
+    """Accuracies of `judges` on held-out inputs unlike their training data."""
+    from megamm.data.digits import make_split
+    from megamm.eval.audio_judge import roundtrip_audio
+    from megamm.eval.captions import word_accuracy
+    from megamm.eval.image_judge import roundtrip_images
+    from megamm.runtime import torch_threads
+
+    image_judge, audio_judge = judges
+    val = make_split("val", colourings=2, seed=seed)
+    rng = np.random.default_rng(seed)
+    noisy_images = np.clip(val.images + rng.normal(0, 20, val.images.shape), 0, 255).astype(np.uint8)
+    noisy_audio = [(a + rng.normal(size=a.size) * np.sqrt((a ** 2).mean() / 10)).astype(np.float32)
+                   for a in val.audio]
+    with torch_threads(1):
+        corrupt_images = roundtrip_images(tokenizers.image, val.images, corrupt=0.3, rng=rng)
+        corrupt_audio = roundtrip_audio(tokenizers.audio, val.audio, corrupt=0.3, rng=rng)
+        if other_tokenizers is not None:
+            foreign_images = roundtrip_images(other_tokenizers.image, val.images)
+            foreign_audio = roundtrip_audio(other_tokenizers.audio, val.audio)
+
+    def words(clips):
+        acc = [word_accuracy(r, h) for r, h in zip(val.captions, audio_judge.transcribe(clips))]
+        return {"word_accuracy": round(float(np.mean(acc)), 4), "exact": round(float(np.mean([a == 1 for a in acc])), 4)}
+
+    def image(images):
+        return {k: round(v, 4) for k, v in image_judge.accuracy(images, val.captions).items()}
+
+    out = {"image": {"roundtrip_codes_corrupted_up_to_30pct": image(corrupt_images),
+                     "pixel_noise_sigma_20": image(noisy_images)},
+           "audio": {"roundtrip_codes_corrupted_up_to_30pct": words(corrupt_audio),
+                     "white_noise_10db_snr": words(noisy_audio)}}
+    if other_tokenizers is not None:
+        out["image"]["other_tokenizers_roundtrip"] = image(foreign_images)
+        out["audio"]["other_tokenizers_roundtrip"] = words(foreign_audio)
+    return out
 
 
 def main(argv=None) -> int:
@@ -87,12 +131,17 @@ def main(argv=None) -> int:
                      "scikit-learn": sklearn.__version__},
         "recipe": asdict(JudgeRecipe()),
     }
+    tokenizers, judges = {}, {}
     for name in args.tokenizers:
         tok_recipe = DefaultTokenizerRecipe() if name == "default" else DefaultTokenizerRecipe.quick()
-        tokenizers = load_default(args.cache, tok_recipe, progress=not args.quiet)
+        tokenizers[name] = load_default(args.cache, tok_recipe, progress=not args.quiet)
         print(f"benchmarking the judges for the {name} tokenizers ...", file=sys.stderr)
-        result[f"{name}_tokenizers"] = {"tokenizer_recipe_key": tok_recipe.key(),
-                                        **bench(tokenizers, not args.quiet)}
+        record, judges[name] = bench(tokenizers[name], not args.quiet)
+        result[f"{name}_tokenizers"] = {"tokenizer_recipe_key": tok_recipe.key(), **record}
+    print("robustness ...", file=sys.stderr)
+    for name in tokenizers:
+        other = next((tokenizers[o] for o in tokenizers if o != name), None)
+        result[f"{name}_tokenizers"]["robustness"] = robustness(judges[name], tokenizers[name], other)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -17,8 +17,11 @@ Training needs no hand labels: every spoken caption of the dataset is its words'
 fixed clips joined by silence, so `word_spans` finds each word's exact sample range,
 and each frame is labelled by the word under its centre. The judge is trained on the
 train split's spoken captions as they are and passed through the audio codec
-(decode(encode(x)), same labels: the codec keeps time), plus noise labelled silence;
-random crops, gains and background noise make it robust to level and codec noise.
+(decode(encode(x)), same labels: the codec keeps time), decoded again with some codes
+replaced by random ones (the damage a model's wrong codes do), plus noise labelled
+silence. Random crops, gains, background noise, spectral tilts and masked mel bands
+keep it from learning one codec's sound: judges trained for the default tokenizers
+still read the quick tokenizers' much rougher round trips (benchmarks/judges.py).
 """
 from __future__ import annotations
 
@@ -70,14 +73,23 @@ class AudioJudgeConfig:
 
 @dataclass(frozen=True)
 class AudioJudgeTrainConfig:
-    steps: int = 600
+    steps: int = 900
     batch_size: int = 16
     crop_s: float = 2.0
     lr: float = 2e-3
     clips: int = 800
     """Spoken captions of the train split used as they are."""
     roundtrip_clips: int = 400
-    """Other spoken captions of the train split, seen through the audio codec."""
+    """Other spoken captions of the train split, seen through the audio codec: each
+    decoded from its codes as they are, and again with some codes replaced."""
+    corrupt_max: float = 0.3
+    """The second decoding replaces each code by a random one with a probability drawn
+    per clip from [0, corrupt_max]: the kind of damage a model's wrong codes do."""
+    freq_masks: int = 2
+    """Bands of up to 4 mel bins set to the floor at random in each crop's features."""
+    eq_db: float = 6.0
+    """Each crop's spectrum is tilted by a random smooth curve of up to this many dB,
+    so another codec's colouring of the sound does not change the words."""
     noise_clips: int = 32
     """Clips of pure noise (white and low-passed, random levels), all silence."""
     gain_db: tuple[float, float] = (-20.0, 0.0)
@@ -185,7 +197,8 @@ class AudioJudge:
             bar = progress_bar(range(train.steps), "audio judge", progress)
             for step in bar:
                 wave, target = _training_batch(clips, frame_labels, crop, cfg.hop, train, rng)
-                logits = model(judge.features(wave))  # [B, frames, classes]
+                feats = _augment(judge.features(wave), train, rng)  # [B, n_mels, frames]
+                logits = model(feats)  # [B, frames, classes]
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -228,13 +241,15 @@ def audio_training_set(audio_tokenizer, train: AudioJudgeTrainConfig = AudioJudg
     for i in raw_idx:
         clips.append(data.audio[i])
         labels.append(sample_labels(data.audio[i], data.captions[i], words))
+    rng = np.random.default_rng([train.seed, 1])
     rt_clips = [data.audio[i] for i in rt_idx]
     with torch_threads(train.threads):
-        rt_clips = roundtrip_audio(audio_tokenizer, rt_clips, batch_size) if rt_clips else []
-    for i, r in zip(rt_idx, rt_clips):
+        rt_clips = (roundtrip_audio(audio_tokenizer, rt_clips, batch_size)
+                    + roundtrip_audio(audio_tokenizer, rt_clips, batch_size, train.corrupt_max, rng)
+                    if rt_clips and train.corrupt_max > 0 else roundtrip_audio(audio_tokenizer, rt_clips, batch_size))
+    for i, r in zip(list(rt_idx) * 2, rt_clips):
         clips.append(r)
         labels.append(sample_labels(data.audio[i], data.captions[i], words))
-    rng = np.random.default_rng([train.seed, 1])
     for k in range(train.noise_clips):
         noise = rng.normal(size=int(rng.uniform(1.0, 3.0) * SAMPLE_RATE))
         if k % 2:  # low-passed ("brown-ish") noise
@@ -245,13 +260,23 @@ def audio_training_set(audio_tokenizer, train: AudioJudgeTrainConfig = AudioJudg
     return clips, labels
 
 
-def roundtrip_audio(audio_tokenizer, clips: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
-    """decode(encode(clip)) cut to each clip's length, in zero-padded batches."""
+def roundtrip_audio(audio_tokenizer, clips: list[np.ndarray], batch_size: int = 32, corrupt: float = 0.0,
+                    rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """decode(encode(clip)) cut to each clip's length, in zero-padded batches. With
+    `corrupt` > 0, each code is first replaced by a random one with a probability drawn
+    per clip from [0, corrupt] (by `rng`)."""
+    if not clips:
+        return []
     out = []
     for i in range(0, len(clips), batch_size):
         chunk = clips[i:i + batch_size]
         n = max(c.size for c in chunk)
-        recon = audio_tokenizer.decode(audio_tokenizer.encode(np.stack([np.pad(c, (0, n - c.size)) for c in chunk])))
+        codes = audio_tokenizer.encode(np.stack([np.pad(c, (0, n - c.size)) for c in chunk]))  # [B, frames * C]
+        if corrupt > 0:
+            p = rng.uniform(0, corrupt, (len(chunk), 1))
+            codes = np.where(rng.random(codes.shape) < p,
+                             rng.integers(0, audio_tokenizer.codebook_size, codes.shape), codes)
+        recon = audio_tokenizer.decode(codes)
         out += [recon[b, : c.size] for b, c in enumerate(chunk)]
     return out
 
@@ -299,6 +324,25 @@ def _training_batch(clips, labels, crop: int, hop: int, train: AudioJudgeTrainCo
         if rng.random() < 0.5:
             waves[b] += rng.normal(size=crop).astype(np.float32) * 10 ** (rng.uniform(*train.noise_db) / 20)
     return torch.from_numpy(waves), torch.from_numpy(target)
+
+
+def _augment(feats: torch.Tensor, train: AudioJudgeTrainConfig, rng: np.random.Generator,
+             band: int = 4) -> torch.Tensor:
+    """Features `[B, n_mels, frames]` with a random smooth tilt per example (sum of three
+    random cosines across the mel axis, at most eq_db), and `freq_masks` random bands of
+    up to `band` mel bins set to the floor (-1)."""
+    B, n_mels, _ = feats.shape
+    axis = np.linspace(0, np.pi, n_mels)
+    curve = sum(rng.uniform(-1, 1, (B, 1)) * np.cos(k * axis + rng.uniform(0, 2 * np.pi, (B, 1))) for k in (1, 2, 3))
+    db_to_feature = np.log(10) / 10 / 11.5 * 2  # features are ln(power) scaled by 2 / 11.5
+    curve = curve / 3 * train.eq_db * db_to_feature  # [B, n_mels]
+    feats = feats + torch.from_numpy(curve).float()[:, :, None]
+    for b in range(B):
+        for _ in range(train.freq_masks):
+            w = int(rng.integers(0, band + 1))
+            lo = int(rng.integers(0, n_mels - w + 1))
+            feats[b, lo:lo + w] = -1.0
+    return feats
 
 
 def _runs(labels: np.ndarray):

@@ -7,19 +7,22 @@ Fixed features first (`image_features`), then small learned heads:
 
     background colour  median of the 2-pixel border (the dataset frames every digit
                        with background, like MNIST)
-    ink map            each pixel's colour distance from the background, scaled by the
-                       largest one (at least INK_FLOOR, so a flat image stays blank):
-                       the digit's shape whatever its colours
-    foreground colour  mean colour of the pixels with ink >= 0.75
+    ink map            each pixel's colour distance from the background, divided by the
+                       90th percentile of those distances (at least INK_FLOOR, so a flat
+                       image stays blank) and clipped to 1: the digit's shape whatever
+                       its colours, which a few stray blotches do not rescale
+    foreground colour  median colour of the pixels with ink >= 0.75 (the background
+                       colour when there are none)
 
     digit head         a small CNN on the ink map, pooled to 14 x 14 (the digits are
                        8 x 8 scans upscaled, so nothing is lost)
     paint heads        an MLP each on the two colours -> one of the 12 PAINTS
 
 It is trained on the train split of the embedded dataset only, painted several times,
-plus other paintings passed through the image tokenizer (decode(encode(x))), so it also
-reads decoder outputs; random shifts of up to `shift` pixels make it tolerate a digit
-that is not exactly centred.
+plus other paintings passed through the image tokenizer (decode(encode(x))), each
+decoded from its codes as they are and again with some codes replaced by random ones
+(the blotches a model's wrong codes make), so it also reads decoder outputs; random
+shifts of up to `shift` pixels make it tolerate a digit that is not exactly centred.
 """
 from __future__ import annotations
 
@@ -61,6 +64,9 @@ class ImageJudgeTrainConfig:
     """Paintings per train digit of the original images."""
     roundtrip_colourings: int = 2
     """Paintings per train digit (other colours) seen through the image tokenizer."""
+    corrupt_max: float = 0.1
+    """Each round trip is decoded again with every code replaced by a random one with a
+    probability drawn per image from [0, corrupt_max] (0: no second decoding)."""
     shift: int = 2
     """Random translation of training images, in pixels, each way."""
     seed: int = 0
@@ -185,14 +191,28 @@ def image_training_set(image_tokenizer, train: ImageJudgeTrainConfig = ImageJudg
         other = make_split("train", colourings=train.roundtrip_colourings, seed=train.seed + 1, audio=False)
         with torch_threads(train.threads):
             images.append(roundtrip_images(image_tokenizer, other.images, batch_size))
-        captions += other.captions
+            captions += other.captions
+            if train.corrupt_max > 0:
+                rng = np.random.default_rng([train.seed, 1])
+                images.append(roundtrip_images(image_tokenizer, other.images, batch_size, train.corrupt_max, rng))
+                captions += other.captions
     return np.concatenate(images), captions
 
 
-def roundtrip_images(image_tokenizer, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """decode(encode(images)) in batches: uint8 `[N, 28, 28, 3]` -> the same shape."""
-    return np.concatenate([image_tokenizer.decode(image_tokenizer.encode(images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+def roundtrip_images(image_tokenizer, images: np.ndarray, batch_size: int = 256, corrupt: float = 0.0,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+    """decode(encode(images)) in batches: uint8 `[N, 28, 28, 3]` -> the same shape. With
+    `corrupt` > 0, each code is first replaced by a random one with a probability drawn
+    per image from [0, corrupt] (by `rng`)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        codes = image_tokenizer.encode(images[i:i + batch_size])  # [B, N]
+        if corrupt > 0:
+            p = rng.uniform(0, corrupt, (len(codes), 1))
+            codes = np.where(rng.random(codes.shape) < p,
+                             rng.integers(0, image_tokenizer.codebook_size, codes.shape), codes)
+        out.append(image_tokenizer.decode(codes))
+    return np.concatenate(out) if out else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 
 
 def caption_labels(captions: list[str]) -> dict[str, list[int]]:
@@ -215,12 +235,15 @@ def image_features(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(x)
     frame = torch.ones(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
     frame[2:-2, 2:-2] = False
-    bg = x[:, :, frame].median(dim=-1).values if n else x.new_zeros(0, 3)  # [N, 3]
+    if n == 0:
+        return x.new_zeros(0, 1, IMAGE_SIZE, IMAGE_SIZE), x.new_zeros(0, 6)
+    bg = x[:, :, frame].median(dim=-1).values  # [N, 3]
     dist = (x - bg[:, :, None, None]).norm(dim=1)  # [N, 28, 28]
-    scale = dist.flatten(1).amax(1, keepdim=True).clamp(min=INK_FLOOR) if n else dist.new_zeros(0, 1)
-    ink = dist / scale[:, :, None]  # [N, 28, 28]
-    core = (ink >= 0.75).float()[:, None]  # [N, 1, 28, 28]
-    fg = (x * core).sum((2, 3)) / core.sum((2, 3)).clamp(min=1.0)  # [N, 3] (black if no ink)
+    scale = torch.quantile(dist.flatten(1), 0.9, dim=1).clamp(min=INK_FLOOR)  # [N]
+    ink = (dist / scale[:, None, None]).clamp(max=1.0)  # [N, 28, 28]
+    core = (ink >= 0.75)[:, None].expand_as(x)  # [N, 3, 28, 28]
+    fg = torch.where(core, x, torch.nan).flatten(2).nanmedian(dim=-1).values  # [N, 3]; NaN without ink
+    fg = torch.where(fg.isnan(), bg, fg)
     return ink[:, None], torch.cat([bg, fg], 1) * 2 - 1
 
 
