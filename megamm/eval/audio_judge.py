@@ -2,16 +2,19 @@
 
     AudioJudge.transcribe([float32 [T] at 16 kHz, ...]) -> ["dark green eight on bright cyan", ...]
 
-A frame classifier, then run-length decoding; no segmentation on silence, so words
-that a decoder runs together are still told apart:
+A frame classifier, then a best path with minimum durations; no segmentation on
+silence, so words that a decoder runs together are still told apart:
 
-    features  the clip scaled to a 0.9 peak (boosted at most 1 / MIN_PEAK-fold, so
-              faint noise stays faint), log-mel spectrogram (20 ms hop)
+    features  the clip scaled to a 0.9 peak (as if its peak were at least MIN_PEAK,
+              so faint noise stays faint), log-mel spectrogram (20 ms hop)
     frames    a 1-D CNN (dilated residual blocks, about +-0.3 s of context) gives each
               frame one of the 19 words of digits.WORDS or silence
-    decoding  per-frame probabilities smoothed over `smooth` frames, argmax, runs of
-              equal labels; word runs shorter than `min_word_ms` and silences shorter
-              than `min_gap_ms` are dropped, equal neighbours merged, silence removed
+    decoding  the labelling of the frames with the highest total log-probability in
+              which every word lasts at least `min_word_ms` and every silence at least
+              `min_gap_ms` (Viterbi over (class, frames so far) states); its runs,
+              silence removed, are the words. A short stretch that sounds like another
+              word (the onset of "blue" like "red", after a rough codec) is outvoted
+              by the word around it instead of becoming a word of its own.
 
 Training needs no hand labels: every spoken caption of the dataset is its words'
 fixed clips joined by silence, so `word_spans` finds each word's exact sample range,
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import math
 
 import numpy as np
 import torch
@@ -44,6 +49,8 @@ SILENCE = len(WORDS)
 """Frame class of silence; classes 0..len(WORDS)-1 are the words in WORDS order."""
 MIN_PEAK = 0.05
 """Clips are scaled to a 0.9 peak, but as if their peak were at least this."""
+_LOG_FLOOR = math.log(1e-5)
+"""log_mel's floor (digital silence); features map it to -1."""
 
 
 @dataclass(frozen=True)
@@ -55,18 +62,16 @@ class AudioJudgeConfig:
     channels: int = 64
     dilations: tuple[int, ...] = (1, 2, 4, 8)
     """One residual block (kernel 5) per entry."""
-    smooth: int = 3
-    """Frames over which probabilities are averaged before the argmax."""
-    min_word_ms: float = 100.0
-    """Shorter word runs are dropped (the shortest word clip lasts about 300 ms)."""
+    min_word_ms: float = 200.0
+    """Shortest word the decoder accepts (the shortest word clip lasts 295 ms)."""
     min_gap_ms: float = 60.0
-    """Shorter silences are dropped, so a word with a stop closure inside ("magenta"
-    holds 38 ms of digital silence) stays one word; the same word said twice with a
-    shorter pause is then heard once (captions never repeat a word)."""
+    """Shortest silence the decoder accepts, so a word with a stop closure inside
+    ("magenta" holds 38 ms of digital silence) stays one word; the same word said twice
+    with a shorter pause is then heard once (captions never repeat a word)."""
 
     def __post_init__(self):
         object.__setattr__(self, "dilations", tuple(self.dilations))  # JSON gives a list back
-        for name in ("n_fft", "hop", "n_mels", "channels", "smooth"):
+        for name in ("n_fft", "hop", "n_mels", "channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"audio judge {name} must be >= 1, got {getattr(self, name)}")
 
@@ -130,11 +135,12 @@ class AudioJudge:
 
     # ---- listening ------------------------------------------------------------------------
     def features(self, wave: torch.Tensor) -> torch.Tensor:
-        """float `[B, T]` -> `[B, n_mels, T // hop + 1]`: level-normalised log-mel, scaled
-        to about [-1, 1] (digital silence is the floor, -1)."""
+        """float `[B, T]` -> `[B, n_mels, T // hop + 1]`: level-normalised log-mel power,
+        mapped linearly from [ln 1e-5, 0] to [-1, 1] (digital silence is -1; the loudest
+        bins of speech reach about 2)."""
         peak = wave.abs().amax(1, keepdim=True).clamp(min=MIN_PEAK)
         mel = log_mel(wave * (0.9 / peak), SAMPLE_RATE, self.cfg.n_fft, self.cfg.hop, self.cfg.n_mels)
-        return (mel + 11.5) / 11.5 * 2 - 1  # log(1e-5) = -11.5 is log_mel's floor
+        return 1 - 2 * mel / _LOG_FLOOR
 
     @torch.no_grad()
     def frame_probabilities(self, clips: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
@@ -155,37 +161,30 @@ class AudioJudge:
         return [" ".join(self.decode_frames(p)) for p in self.frame_probabilities(clips)]
 
     def decode_frames(self, probs: np.ndarray) -> list[str]:
-        """`[frames, classes]` probabilities -> words: smooth, argmax, keep runs of words
-        at least min_word_ms long and of silence at least min_gap_ms long, merge equal
-        neighbours, drop silence."""
-        k = self.cfg.smooth
-        if k > 1 and len(probs):
-            padded = np.pad(probs, ((k // 2, k - 1 - k // 2), (0, 0)), mode="edge")
-            probs = np.stack([padded[i:i + len(probs)] for i in range(k)]).mean(0)
-        labels = probs.argmax(-1)
+        """`[frames, classes]` probabilities -> the words of the best labelling with
+        minimum durations (`min_duration_path`)."""
+        if not len(probs):
+            return []
         frames_per_ms = SAMPLE_RATE / self.cfg.hop / 1000
-        min_word, min_gap = self.cfg.min_word_ms * frames_per_ms, self.cfg.min_gap_ms * frames_per_ms
-        kept = []
-        for label, length in _runs(labels):
-            if length >= (min_gap if label == SILENCE else min_word) and (not kept or kept[-1] != label):
-                kept.append(label)
-        return [WORDS[w] for w in kept if w != SILENCE]
+        min_frames = np.full(probs.shape[1], round(self.cfg.min_word_ms * frames_per_ms))
+        min_frames[SILENCE] = round(self.cfg.min_gap_ms * frames_per_ms)
+        path = min_duration_path(np.log(np.maximum(probs, 1e-12)), min_frames)
+        return [WORDS[label] for label, _ in _runs(path) if label != SILENCE]
 
     # ---- training ---------------------------------------------------------------------------
     @classmethod
-    def train(cls, clips: list[np.ndarray], frame_labels: list[np.ndarray],
+    def train(cls, clips: list[np.ndarray], labels: list[np.ndarray],
               cfg: AudioJudgeConfig = AudioJudgeConfig(), train: AudioJudgeTrainConfig = AudioJudgeTrainConfig(),
               progress: bool = True) -> "AudioJudge":
-        """Fit to float32 `clips` `[T_i]` with per-sample class labels `frame_labels`
-        (int `[T_i]`, see `sample_labels`): frame cross-entropy on random crops with
-        random gain and background noise, Adam with a cosine schedule. Deterministic for
-        the same inputs and seed."""
-        if len(clips) != len(frame_labels) or not clips:
+        """Fit to float32 `clips` `[T_i]` with per-sample class labels `labels` (int
+        `[T_i]`, see `sample_labels`): frame cross-entropy on random crops with random
+        gain, background noise, spectral tilt and masked bands; Adam with a cosine
+        schedule. Deterministic for the same inputs and seed."""
+        if len(clips) != len(labels) or not clips:
             raise ValueError(f"need as many label arrays as clips (at least one), got {len(clips)} clips "
-                             f"and {len(frame_labels)} label arrays")
+                             f"and {len(labels)} label arrays")
         crop = int(train.crop_s * SAMPLE_RATE) // cfg.hop * cfg.hop
         with torch_threads(train.threads):
-            gen = torch.Generator().manual_seed(train.seed)
             rng = np.random.default_rng(train.seed)
             with torch.random.fork_rng():
                 torch.manual_seed(train.seed)  # parameter init only; the caller's RNG is untouched
@@ -196,7 +195,7 @@ class AudioJudge:
             model.train()
             bar = progress_bar(range(train.steps), "audio judge", progress)
             for step in bar:
-                wave, target = _training_batch(clips, frame_labels, crop, cfg.hop, train, rng)
+                wave, target = _training_batch(clips, labels, crop, cfg.hop, train, rng)
                 feats = _augment(judge.features(wave), train, rng)  # [B, n_mels, frames]
                 logits = model(feats)  # [B, frames, classes]
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
@@ -231,7 +230,8 @@ def audio_training_set(audio_tokenizer, train: AudioJudgeTrainConfig = AudioJudg
                        batch_size: int = 32) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(clips, per-sample labels) for `AudioJudge.train`: `clips` spoken captions of the
     train split, `roundtrip_clips` others through `audio_tokenizer` (none without one),
-    and `noise_clips` of noise. Captions are spread evenly over the split."""
+    each decoded as encoded and again with corrupted codes (unless corrupt_max is 0),
+    and `noise_clips` of noise. The captions are drawn at random from the split."""
     data = make_split("train", colourings=1, seed=train.seed)
     words = load_word_clips()
     order = np.random.default_rng(train.seed).permutation(len(data))
@@ -307,6 +307,45 @@ def sample_labels(audio: np.ndarray, caption: str, word_clips: dict[str, np.ndar
     return labels
 
 
+def min_duration_path(log_probs: np.ndarray, min_frames: np.ndarray) -> np.ndarray:
+    """The labelling `[T]` of frames with log-probabilities `[T, C]` that maximises their
+    sum, among those in which every run of class c lasts at least `min_frames[c]` frames
+    (the first run excepted, so a clip may start mid-word).
+
+    Viterbi over the states (c, d): class c for d frames so far, d capped at
+    min_frames[c] ("complete"). A frame either extends the run ((c, d) -> (c, d + 1),
+    or stays at the cap) or, from a complete state, starts a run of another class at
+    (c', 1). The path ends in a complete state. O(T x sum(min_frames)).
+    """
+    T, C = log_probs.shape
+    min_frames = np.maximum(np.asarray(min_frames, np.int64), 1)  # [C]
+    cls = np.repeat(np.arange(C), min_frames)  # [S] class of each state
+    dur = np.arange(len(cls)) - np.r_[0, np.cumsum(min_frames)[:-1]][cls] + 1  # [S] 1 .. min_frames[c]
+    states = np.arange(len(cls))
+    complete = dur == min_frames[cls]  # [S]
+    complete_idx = np.flatnonzero(complete)  # [C]: the complete state of each class
+    chain_prev = np.maximum(states - 1, 0)  # (c, d - 1), used where d > 1
+    score = np.where(complete, log_probs[0, cls], -np.inf)  # [S]
+    back = np.zeros((T, len(cls)), np.int64)
+    for t in range(1, T):
+        done = score[complete_idx]  # [C]
+        top = np.argsort(done)[::-1][:2]
+        other = np.where(np.arange(C) == top[0], top[-1], top[0])  # [C] best class other than c
+        cand = np.stack([np.where(dur > 1, score[chain_prev], -np.inf),  # extend the run
+                         np.where(complete, score, -np.inf),  # stay at the cap
+                         np.where(dur == 1, done[other[cls]], -np.inf)])  # start a new run
+        src = np.stack([chain_prev, states, complete_idx[other[cls]]])  # [3, S]
+        k = cand.argmax(0)  # [S]
+        score = cand[k, states] + log_probs[t, cls]
+        back[t] = src[k, states]
+    s = complete_idx[np.argmax(score[complete_idx])]
+    path = np.empty(T, np.int64)
+    for t in range(T - 1, -1, -1):
+        path[t] = cls[s]
+        s = back[t, s]
+    return path
+
+
 def _training_batch(clips, labels, crop: int, hop: int, train: AudioJudgeTrainConfig,
                     rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crops `[B, crop]` (zero-padded when a clip is shorter) with random gain and
@@ -334,7 +373,7 @@ def _augment(feats: torch.Tensor, train: AudioJudgeTrainConfig, rng: np.random.G
     B, n_mels, _ = feats.shape
     axis = np.linspace(0, np.pi, n_mels)
     curve = sum(rng.uniform(-1, 1, (B, 1)) * np.cos(k * axis + rng.uniform(0, 2 * np.pi, (B, 1))) for k in (1, 2, 3))
-    db_to_feature = np.log(10) / 10 / 11.5 * 2  # features are ln(power) scaled by 2 / 11.5
+    db_to_feature = math.log(10) / 10 * 2 / -_LOG_FLOOR  # dB -> ln(power) -> feature units
     curve = curve / 3 * train.eq_db * db_to_feature  # [B, n_mels]
     feats = feats + torch.from_numpy(curve).float()[:, :, None]
     for b in range(B):
@@ -358,4 +397,4 @@ def _as_clip(clip) -> np.ndarray:
     clip = np.asarray(clip, dtype=np.float32)
     if clip.ndim != 1:
         raise ValueError(f"an audio clip must be float32 [T], got shape {list(clip.shape)}")
-    return clip
+    return np.nan_to_num(clip, nan=0.0, posinf=1.0, neginf=-1.0)

@@ -42,9 +42,9 @@ from megamm.schedule import warmup_cosine
 
 HEADS = ("digit", "foreground", "background")
 INK_FLOOR = 0.1
-"""Colour distances (RGB in [0, 1]) are scaled by their maximum, but by at least this
-much, so decoder noise on a flat image is not blown up into a shape. The closest two
-paints of different colours (the dataset's rule) are about 0.33 apart."""
+"""Colour distances (RGB in [0, 1]) are scaled by their 90th percentile, but by at least
+this much, so decoder noise on a flat image is not blown up into a shape. The closest
+two paints of different colours (the dataset's rule) are about 0.33 apart."""
 
 
 @dataclass(frozen=True)
