@@ -204,7 +204,7 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int,
     if not failures:
         error = _attempt(lambda: torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt"))
         if error is None and rank == 0:
-            error = _attempt(lambda: (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=1)))
+            error = _attempt(lambda: _write_meta(tmp_dir, meta))
         failures += [error] if error else []
     fail_if(_agree(failures[0] if failures else None))
 
@@ -229,6 +229,29 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int,
     if keep_last:
         _prune(save_dir, step, keep_last, rank)
     return final_dir
+
+
+TOKENIZERS_DIR = "tokenizers"
+
+
+def _write_meta(ckpt: Path, meta: dict) -> None:
+    """megamm.json; the tokenizers it names are copied in beside it (`tokenizers/`), so
+    the checkpoint directory alone is enough to generate and evaluate anywhere."""
+    src = meta.get("tokenizers")
+    if src and Path(src).is_absolute() and Path(src).is_dir():
+        shutil.copytree(src, ckpt / TOKENIZERS_DIR)
+        meta = {**meta, "tokenizers": TOKENIZERS_DIR, "tokenizers_source": str(src)}
+    (ckpt / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def tokenizers_dir(ckpt: Path, meta: dict | None = None) -> Path | None:
+    """The tokenizers of a checkpoint: its own copy (a path relative to it), or — in
+    checkpoints from before they carried one — the absolute path it recorded."""
+    meta = read_meta(ckpt) if meta is None else meta
+    tok = meta.get("tokenizers")
+    if not tok:
+        return None
+    return Path(tok) if Path(tok).is_absolute() else Path(ckpt) / tok
 
 
 def _prune(save_dir: Path, step: int, keep_last: int, rank: int) -> None:
