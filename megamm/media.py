@@ -449,13 +449,21 @@ def wrap_text(text: str, max_chars: int, max_lines: int | None = None) -> list[s
 
 
 # ---- figures ---------------------------------------------------------------------------------
+def _clipped(canvas_shape, patch_shape, y: int, x: int):
+    """Slices of canvas and patch where a patch placed with its top-left corner at (y, x)
+    overlaps the canvas, or None when it lies outside."""
+    y0, x0 = max(y, 0), max(x, 0)
+    y1, x1 = min(y + patch_shape[0], canvas_shape[0]), min(x + patch_shape[1], canvas_shape[1])
+    if y0 >= y1 or x0 >= x1:
+        return None
+    return (slice(y0, y1), slice(x0, x1)), (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
+
+
 def _paste(canvas: np.ndarray, patch: np.ndarray, y: int, x: int) -> None:
     """Copy `patch` onto `canvas` with its top-left corner at (y, x), clipped to the canvas."""
-    h, w = canvas.shape[:2]
-    y0, x0 = max(y, 0), max(x, 0)
-    y1, x1 = min(y + patch.shape[0], h), min(x + patch.shape[1], w)
-    if y0 < y1 and x0 < x1:
-        canvas[y0:y1, x0:x1] = patch[y0 - y: y1 - y, x0 - x: x1 - x]
+    where = _clipped(canvas.shape, patch.shape, y, x)
+    if where:
+        canvas[where[0]] = patch[where[1]]
 
 
 def _draw_text(canvas: np.ndarray, text: str, y: int, x: int, color=(0, 0, 0), anchor: str = "left") -> None:
@@ -463,9 +471,9 @@ def _draw_text(canvas: np.ndarray, text: str, y: int, x: int, color=(0, 0, 0), a
     is its left edge, centre or right edge."""
     mask = text_mask(text)
     x -= {"left": 0, "center": mask.shape[1] // 2, "right": mask.shape[1]}[anchor]
-    region = np.zeros(canvas.shape[:2], bool)
-    _paste(region, mask, y, x)
-    canvas[region] = color
+    where = _clipped(canvas.shape, mask.shape, y, x)
+    if where:
+        canvas[where[0]][mask[where[1]]] = color
 
 
 def image_grid(images, captions: list[str] | None = None, columns: int = 8, scale: int = 2,
@@ -479,7 +487,7 @@ def image_grid(images, captions: list[str] | None = None, columns: int = 8, scal
         H = R * (h * scale + caption_h) + (R + 1) * pad
         caption_h = 0 without captions, else 2 + LINE_HEIGHT * (most lines any caption needs)
     """
-    images = [_as_rgb(np.asarray(im), f"image {i}") for i, im in enumerate(images)]
+    images = [_as_rgb(np.asarray(im), f"#{i}") for i, im in enumerate(images)]
     if not images:
         raise ValueError("image_grid needs at least one image")
     h, w = images[0].shape[:2]
@@ -556,8 +564,9 @@ def _polyline(canvas: np.ndarray, px: np.ndarray, py: np.ndarray, color, box, wi
     if len(px) == 1:
         px, py = np.repeat(px, 2), np.repeat(py, 2)
     steps = np.maximum(np.abs(np.diff(px)), np.abs(np.diff(py))).astype(np.int64) + 1  # samples per segment
-    seg = np.repeat(np.arange(len(steps)), steps)
-    t = (np.arange(len(seg)) - np.repeat(np.cumsum(steps) - steps, steps)) / np.repeat(np.maximum(steps - 1, 1), steps)
+    seg = np.repeat(np.arange(len(steps)), steps)  # segment of each sample
+    k = np.arange(len(seg)) - np.repeat(np.cumsum(steps) - steps, steps)  # its index within the segment
+    t = k / np.repeat(np.maximum(steps - 1, 1), steps)  # 0 at the segment's start, 1 at its end
     xs = np.rint(px[seg] + t * (px[seg + 1] - px[seg])).astype(np.int64)
     ys = np.rint(py[seg] + t * (py[seg + 1] - py[seg])).astype(np.int64)
     top, bottom, left, right = box
@@ -641,7 +650,8 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str = "", xla
         names = list(clean)
         lw = 4 + 16 + 4 + max(text_size(n)[1] for n in names) + 2
         lh = 4 + LINE_HEIGHT * len(names) + 2
-        ly, lx = top + 6, right - 6 - lw
+        ly, lx = top + 6, max(left + 2, right - 6 - lw)
+        lw, lh = min(lw, width - lx), min(lh, height - ly)  # a legend too big for the chart is cut
         img[ly: ly + lh, lx: lx + lw] = 255
         img[[ly, ly + lh - 1], lx: lx + lw] = 0
         img[ly: ly + lh, [lx, lx + lw - 1]] = 0
