@@ -173,11 +173,14 @@ def test_reads_pngs_of_every_kind_and_row_filter(tmp_path, name):
 
 @pytest.mark.parametrize("ftype", [1, 2, 3, 4])
 def test_each_row_filter_alone(tmp_path, ftype):
-    # a smooth image (small differences, where Average and Paeth matter) with one filter throughout
+    # one filter throughout, on a gradient and on low-contrast noise (where the Paeth
+    # predictor's ties between its up and up-left candidates happen often)
     y, x = np.mgrid[0:9, 0:17]
-    image = np.stack([(7 * x + 3 * y) % 256, (x * y) % 256, np.full_like(x, 200 - ftype)], axis=2)
-    (tmp_path / "f.png").write_bytes(encode_png(image, 2, 8, filters=(ftype,)))
-    assert np.array_equal(media.read_image(tmp_path / "f.png"), image.astype(np.uint8))
+    gradient = np.stack([(7 * x + 3 * y) % 256, (x * y) % 256, np.full_like(x, 200 - ftype)], axis=2)
+    noise = 100 + RNG.integers(0, 4, (9, 17, 3))
+    for image in (gradient, noise):
+        (tmp_path / "f.png").write_bytes(encode_png(image, 2, 8, filters=(ftype,)))
+        assert np.array_equal(media.read_image(tmp_path / "f.png"), image.astype(np.uint8))
 
 
 def _damaged(data: bytes, how: str) -> bytes:
@@ -298,6 +301,7 @@ def test_bad_wav_files(tmp_path):
 
 # ---- font and figures --------------------------------------------------------------------
 def test_render_text_draws_each_glyph_in_its_cell():
+    assert (media.GLYPH_H, media.GLYPH_W, media.LINE_HEIGHT, media.ADVANCE) == (9, 5, 10, 6)
     img = media.render_text("a b", color=(10, 20, 30), bg=(250, 240, 230))
     assert img.shape == (media.LINE_HEIGHT, 3 * media.ADVANCE, 3) and img.dtype == np.uint8
     ink = (img == (10, 20, 30)).all(axis=2)
