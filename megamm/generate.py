@@ -110,12 +110,13 @@ def sample(model, prompts: list[list[int]], stop_ids, max_new_tokens: int, sampl
     stops = torch.tensor(sorted(set(int(s) for s in stop_ids)), device=device)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
 
-    seq = ids[:n]  # the conditional rows' ids so far (their grammar states decide)
+    # the conditional rows' grammar position (their states decide), advanced token by token
+    markers = tuple(t[:, -1] for t in vocab.markers(ids[:n]))
     logits = model(ids, cache=cache)[:, -1].float()
     out = torch.zeros(n, 0, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        state = vocab.states(seq)[:, -1]
+        state = vocab.state_of(*markers)
         mask = allowed[state]  # [n, V]
         logp = logits[:n].masked_fill(~mask, float("-inf")).log_softmax(-1)
         if guided:
@@ -125,7 +126,7 @@ def sample(model, prompts: list[list[int]], stop_ids, max_new_tokens: int, sampl
         nxt = choose(logp, sampling, generator)
         nxt = torch.where(done, torch.full_like(nxt, vocab.pad), nxt)
         out = torch.cat([out, nxt[:, None]], 1)
-        seq = torch.cat([seq, nxt[:, None]], 1)
+        markers = vocab.advance_markers(markers, nxt)
         done |= torch.isin(nxt, stops)
         if bool(done.all()):
             break
