@@ -5,6 +5,8 @@ Layout of a save directory:
 
     <save_dir>/latest          name of the newest complete checkpoint (replaced atomically)
     <save_dir>/step<N>/        DeepSpeed's files + megamm.json + rng_rank<r>.pt + manifest.json
+                               (DeepSpeed's universal layout when tools/reshard.py wrote it:
+                               megamm/train/universal.py)
 
 Save protocol. Every rank runs every stage, and a rank whose write fails records the
 error instead of raising it, so every rank reaches every collective (DeepSpeed's
@@ -45,7 +47,7 @@ import torch
 
 from megamm.config import ConfigError, ModelConfig
 from megamm.parallel.tensor_parallel import merge_shards
-from megamm.train import manifest
+from megamm.train import manifest, universal
 from megamm.train.safe_load import refusing_unsafe_pickles
 
 META_FILE = "megamm.json"
@@ -309,13 +311,21 @@ def pick_intact(save_dir, rank: int) -> tuple[str, list[str]]:
     raise CheckpointError(f"no intact checkpoint in {save_dir}: " + "; ".join(skipped))
 
 
-def resume(engine, save_dir, rank: int) -> dict:
-    """Load the newest intact checkpoint of save_dir into engine; returns its client state."""
+def pick_for_resume(save_dir, rank: int) -> str:
+    """pick_intact's tag, with one warning line (rank 0) naming the checkpoints skipped."""
     save_dir = Path(save_dir)
     tag, skipped = pick_intact(save_dir, rank)
     if skipped and rank == 0:
         print(f"warning: skipped damaged checkpoint(s) {', '.join(skipped)}; resuming from {save_dir / tag}",
               file=sys.stderr, flush=True)
+    return tag
+
+
+def resume(engine, save_dir, rank: int, tag: str | None = None) -> dict:
+    """Load checkpoint `tag` (default: the newest intact one, pick_for_resume) of save_dir
+    into engine; returns its client state."""
+    save_dir = Path(save_dir)
+    tag = tag or pick_for_resume(save_dir, rank)
     with refusing_unsafe_pickles(save_dir / tag):
         path, client_state = engine.load_checkpoint(str(save_dir), tag=tag)
         if path is None:
@@ -374,8 +384,12 @@ def verified_checkpoint_dir(path) -> Path:
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole plain model from a checkpoint of any layout: each
     tensor-parallel rank's state (from the ZeRO partitions, the model file, or the
-    pipeline's per-layer files) under plain-model names, then the shards merged."""
+    pipeline's per-layer files) under plain-model names, then the shards merged; a
+    universal checkpoint (tools/reshard.py) holds them whole."""
     meta = read_meta(ckpt)
+    if universal.is_universal(meta):
+        with refusing_unsafe_pickles(ckpt):
+            return universal.read_weights(ckpt, ModelConfig.from_dict(meta["model"]), meta)
     layout = meta.get("topology", {})
     tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
     n_layers = ModelConfig.from_dict(meta["model"]).n_layers

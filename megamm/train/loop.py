@@ -19,7 +19,7 @@ from megamm.parallel import Topology
 from megamm.parallel.distributed import barrier, init_distributed
 from megamm.tokenizers import tokenizers_dir_of
 from megamm.schedule import warmup_cosine
-from megamm.train import bad_steps, checkpoint, ds_config
+from megamm.train import bad_steps, checkpoint, ds_config, universal
 from megamm.train.args import TrainArgs
 from megamm.train.engine import Trainer, build_trainer, check_layout
 from megamm.train.init_from import load_init_state
@@ -149,6 +149,12 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
         val = validation_batches(open_split(data_dir, "val", vocab), vocab, cfg.max_seq_len, mb,
                                  groups.dp_rank, topo.dp, args.eval_batches)
     init_state = load_init_state(args.init_from, cfg) if args.init_from and not args.resume else None
+    tag = None
+    if args.resume or (args.auto_resume and checkpoint.has_latest(args.save_dir)):
+        tag = checkpoint.pick_for_resume(args.save_dir, rank)
+        meta = checkpoint.read_meta(Path(args.save_dir) / tag)
+        if universal.is_universal(meta):  # resharded: DeepSpeed loads it when the engine is built for it
+            ds_cfg = universal.resume_config(meta, topo.tp, topo.pp, ds_cfg, Path(args.save_dir) / tag)
     trainer = build_trainer(cfg, ds_cfg, groups, device, args.seed, args.sequence_parallel, lr_lambda(args),
                             guard=bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank), init_state=init_state)
     del init_state
@@ -158,8 +164,8 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
         print(describe(cfg, ds_cfg, topo, args), flush=True)
         print(f"data: {data_dir} ({sum(len(s) for s in loader.shards):,} train documents, "
               f"{loader.steps_per_epoch() // trainer.gas:,} steps per epoch)", flush=True)
-    if args.resume or (args.auto_resume and checkpoint.has_latest(args.save_dir)):
-        client = checkpoint.resume(trainer.engine, args.save_dir, rank)
+    if tag is not None:
+        client = checkpoint.resume(trainer.engine, args.save_dir, rank, tag)
         run.step = int(client["step"])
         loader.load_state_dict(client["loader"])
         if rank == 0:
