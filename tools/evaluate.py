@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, required=True, help="save dir (uses `latest`) or one step dir")
     ap.add_argument("--out", type=Path, required=True, help="report JSON to write")
     ap.add_argument("--examples", type=int, default=60, help="held-out prompts per generation task")
+    ap.add_argument("--loss-examples", type=int, default=0,
+                    help="held-out examples for the losses (0: all 180)")
     ap.add_argument("--cfg", type=float, default=3.0, help="guidance scale for text->image and text->audio")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -37,10 +39,10 @@ def main(argv=None) -> int:
     from megamm.eval.report import EvalSettings, evaluate
     from megamm.generate import Sampling
 
-    if args.examples < 1:
-        print(f"evaluate: error: --examples must be >= 1, got {args.examples}", file=sys.stderr)
+    if args.examples < 1 or args.loss_examples < 0:
+        print(f"evaluate: error: --examples must be >= 1 and --loss-examples >= 0", file=sys.stderr)
         return 2
-    settings = EvalSettings(examples=args.examples,
+    settings = EvalSettings(examples=args.examples, loss_examples=args.loss_examples,
                             image_sampling=Sampling(cfg_scale=args.cfg, seed=args.seed),
                             audio_sampling=Sampling(cfg_scale=args.cfg, seed=args.seed))
     try:

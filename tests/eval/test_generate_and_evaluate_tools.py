@@ -25,7 +25,7 @@ def moved_checkpoint(quick_data_dir, tmp_path_factory) -> Path:
     """Train 3 steps on the quick default data, then move the save dir elsewhere."""
     base = tmp_path_factory.mktemp("gen")
     proc = _train.run_train(["--data", quick_data_dir, "--ds_config", "cpu.json", "--precision", "fp32",
-                             "--seq-len", 128, "--micro-batch", 2, "--max-steps", 3, "--warmup", 1,
+                             "--seq-len", 512, "--micro-batch", 1, "--max-steps", 3, "--warmup", 1,
                              "--save-dir", base / "run"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     moved = base / "elsewhere" / "run"
@@ -122,7 +122,7 @@ def test_bad_input_is_one_line(moved_checkpoint, tmp_path):
 
 def test_evaluate_writes_the_report_and_pictures(moved_checkpoint, quick_cache, tmp_path):
     p = tool("evaluate.py", "--checkpoint", moved_checkpoint, "--out", tmp_path / "report.json", "--examples", 4,
-             cache=quick_cache)  # the judges, trained once per session, live in the test cache
+             "--loss-examples", 8, cache=quick_cache)  # the judges, trained once per session, live in the test cache
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ("text_to_image_digit_acc", "text_to_image_color_acc", "image_to_text_exact",
