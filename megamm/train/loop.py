@@ -252,13 +252,21 @@ def monitor_events(engine, rec: dict) -> None:
                           if k != "step" and isinstance(v, (int, float))])
 
 
+class FinalEvalError(RuntimeError):
+    """The run trained and saved, but evaluating its final checkpoint failed."""
+
+
 def final_report(save_dir: Path) -> None:
     """tools/evaluate.py on the run's final checkpoint; prints where the report and samples are."""
-    from megamm.eval.report import evaluate
-
     out = save_dir / "report.json"
     print(f"evaluating the final checkpoint ({save_dir / checkpoint.latest_tag(save_dir)}) ...", flush=True)
-    report = evaluate(save_dir, out, log=lambda m: print(m, flush=True))
+    try:
+        from megamm.eval.report import evaluate
+
+        report = evaluate(save_dir, out, log=lambda m: print(m, flush=True))
+    except Exception as e:  # noqa: BLE001 - the checkpoint is safe; say so in one line
+        raise FinalEvalError(f"evaluating the final checkpoint failed ({type(e).__name__}: {e}); the checkpoint "
+                             f"is saved: python tools/evaluate.py --checkpoint {save_dir} --out {out}") from None
     keys = ("test_nll_nats_per_dim", "text_to_image_digit_acc", "text_to_image_color_acc", "image_to_text_exact",
             "audio_to_text_exact", "text_to_audio_word_acc")
     print("report: " + ", ".join(f"{k} {report[k]:.3f}" for k in keys if k in report), flush=True)
