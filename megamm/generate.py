@@ -217,8 +217,9 @@ class MultimodalGenerator:
 
     def decode(self, to: str, ids: list[int]):
         v = self.vocab
-        if to == "text":
-            return self.tok.text.decode([i for i in ids if 0 <= i < v.cfg.text_size])
+        if to == "text":  # one printable line (an untrained model's bytes may hold control characters)
+            text = self.tok.text.decode([i for i in ids if 0 <= i < v.cfg.text_size])
+            return "".join(ch if ch.isprintable() else " " for ch in text).strip()
         if to == "image":
             codes = v.image_codes(ids)
             return self.tok.image.decode(codes[None])[0]

@@ -169,7 +169,6 @@ def training_curve(metrics: Path):
 
 
 def evaluate(checkpoint, out: Path, settings: EvalSettings = EvalSettings(), judges=None, log=print) -> dict:
-    from megamm.eval.judges import load_judges
     from megamm.generate import load_generator
     from megamm.media import image_grid, line_plot, write_png
     from megamm.train.checkpoint import verified_checkpoint_dir
@@ -177,7 +176,10 @@ def evaluate(checkpoint, out: Path, settings: EvalSettings = EvalSettings(), jud
     t0 = time.perf_counter()
     ckpt = verified_checkpoint_dir(checkpoint)
     gen = load_generator(ckpt)
-    judges = judges or load_judges()
+    if judges is None:
+        from megamm.eval.judges import load_judges
+
+        judges = load_judges()
     report: dict = {"checkpoint": str(Path(ckpt).resolve())}
     data = heldout(settings.loss_examples or None)
     log(f"evaluate: held-out losses over {len(data)} examples")
