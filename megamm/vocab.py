@@ -196,16 +196,30 @@ class Vocab:
         Position i's state constrains ids[i+1]. Each row is read on its own; a row that
         starts mid-document has UNKNOWN states until its first special token.
         """
+        return self.state_of(*self.markers(ids))
+
+    def markers(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For every position: (the last special token up to it, tokens since that marker,
+        whether there is one) — all a grammar state depends on. A sampler keeps the last
+        column and advances it with `advance_markers`, instead of re-reading the row."""
         ids = torch.as_tensor(ids)
         seq = ids.shape[-1]
         pos = torch.arange(seq, device=ids.device).expand_as(ids)
         is_special = (ids >= self.special_start) & (ids < self.image_start)
         marker_pos = torch.where(is_special, pos, torch.full_like(pos, -1)).cummax(dim=-1).values
-        has_marker = marker_pos >= 0
         marker = torch.gather(ids, -1, marker_pos.clamp(min=0))
-        dist = pos - marker_pos  # tokens since the marker (0 at the marker)
+        return marker, pos - marker_pos, marker_pos >= 0
 
-        state = torch.full_like(ids, int(State.UNKNOWN), dtype=torch.long)
+    def advance_markers(self, markers, next_ids: torch.Tensor):
+        """`markers` of a position -> those of the position after it, holding `next_ids`."""
+        marker, dist, has = markers
+        special = (next_ids >= self.special_start) & (next_ids < self.image_start)
+        return (torch.where(special, next_ids, marker), torch.where(special, torch.zeros_like(dist), dist + 1),
+                has | special)
+
+    def state_of(self, marker: torch.Tensor, dist: torch.Tensor, has_marker: torch.Tensor) -> torch.Tensor:
+        """Grammar state from (last marker, distance to it, whether there is one)."""
+        state = torch.full_like(marker, int(State.UNKNOWN), dtype=torch.long)
         outside = (marker == self.bos) | (marker == self.eot) | (marker == self.eoi) | (marker == self.eoa)
         state = torch.where(outside, int(State.OUTSIDE), state)
         state = torch.where((marker == self.eos) | (marker == self.pad), int(State.DONE), state)

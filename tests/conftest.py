@@ -32,17 +32,6 @@ def root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """A small synthetic token data set for the `tiny` preset (tests/train, tests/launch)."""
-    from megamm.config import get_preset
-    from megamm.data.synthetic import write_synthetic_dataset
-
-    d = tmp_path_factory.mktemp("tiny_synthetic")
-    write_synthetic_dataset(d, get_preset("tiny").vocab, n_train=400, n_val=40, seed=0)
-    return d
-
-
-@pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
 
@@ -54,3 +43,18 @@ def tiny_data(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny_synthetic")
     write_synthetic_dataset(d, get_preset("tiny").vocab, n_train=400, n_val=40, seed=0)
     return d
+
+
+@pytest.fixture(scope="session")
+def quick_cache(tmp_path_factory) -> Path:
+    """A megamm cache for the session (the quick default build, the judges), so no test
+    touches ~/.cache/megamm; the same path tests/data/test_prepare_data.py uses."""
+    return tmp_path_factory.getbasetemp() / "megamm-cache"
+
+
+@pytest.fixture(scope="session")
+def quick_data_dir(quick_cache) -> Path:
+    """The embedded dataset built with the quick recipe (small tokenizers, one document per digit)."""
+    from megamm.data.default import DefaultDatasetRecipe, ensure_default_dataset
+
+    return ensure_default_dataset(quick_cache, DefaultDatasetRecipe.quick(), progress=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,11 +77,13 @@ def convert(hf_dir: Path, out: Path, model_config: str | None = None, force: boo
         sd["head.weight"] = sd["embed.weight"]
     tok = hf_dir / TOKENIZERS_DIR
     meta = {"model": cfg.to_dict(), "preset": None, "data": None,
-            "tokenizers": str(tok.resolve()) if tok.is_dir() else None,
+            "tokenizers": "tokenizers" if tok.is_dir() else None,  # copied in: self-contained
             "zero_stage": 0, "precision": "fp32", "topology": {"tp": 1, "pp": 1, "dp": 1},
             "sequence_parallel": False, "source": {"hf": str(hf_dir.resolve()), "megamm_export": exported}}
     with staged_output(out, force) as tmp:
         torch.save({"module": sd}, tmp / MODEL_FILE)
+        if tok.is_dir():
+            shutil.copytree(tok, tmp / "tokenizers")
         write_json(tmp / META_FILE, meta)
         manifest.write(tmp, manifest.entries(tmp, manifest.list_files(tmp), fsync=True))  # verified on load
     grown = "" if exported else f", vocabulary grown from {hf['vocab_size']} to {cfg.vocab.padded_size} rows"

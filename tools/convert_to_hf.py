@@ -38,7 +38,7 @@ def parse_size(text: str) -> int:
 def convert(checkpoint: Path, out: Path, dtype: str = "fp32", max_shard_bytes: int = 5 * 10**9,
             force: bool = False, log=print) -> Path:
     """The conversion behind the command line; returns the folder written."""
-    from megamm.train.checkpoint import checkpoint_dir, consolidated_state_dict, read_meta
+    from megamm.train.checkpoint import checkpoint_dir, consolidated_state_dict, read_meta, tokenizers_dir
 
     ckpt = checkpoint_dir(checkpoint)
     meta = read_meta(ckpt)
@@ -55,7 +55,7 @@ def convert(checkpoint: Path, out: Path, dtype: str = "fp32", max_shard_bytes: i
         raise ConfigError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     tied = exports_tied(sd, cfg)
     hf_sd = {k: v.to(DTYPES[dtype]) for k, v in to_hf(sd, cfg).items()}
-    tok_dir = Path(meta["tokenizers"]) if meta.get("tokenizers") else None
+    tok_dir = tokenizers_dir(ckpt, meta)
     text_json = tok_dir / "text" / "tokenizer.json" if tok_dir is not None else None
     if text_json is not None and not text_json.is_file():
         log(f"note: {text_json} not found; the tokenizer's text ids are <text_N> placeholders")

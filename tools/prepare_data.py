@@ -17,9 +17,10 @@ One JSON object per line, paths relative to the manifest's folder:
 
 Any subset of the keys works (documents are drawn from the templates the example can
 fill, see megamm/data/documents.py); "split" pins an example to train or val,
-otherwise --val-fraction decides by a fixed draw per line. Images: .npy (uint8 [H, W, 3],
-[H, W] or [H, W, 4]) always, other formats when Pillow is installed. Audio: PCM .wav,
-mixed to mono, resampled to the tokenizer's rate when it differs (reported).
+otherwise --val-fraction decides by a fixed draw per line. Images: PNG and .npy (uint8
+[H, W, 3], [H, W] or [H, W, 4], or float in [0, 1]) always, other formats when Pillow is
+installed (see megamm/media.py). Audio: PCM .wav, mixed to mono, resampled to the
+tokenizer's rate when it differs (reported).
 
 Bad lines (bad JSON, missing or unreadable file, empty caption, ...) are skipped and
 reported with their line numbers; --strict turns the first one into an error (one
@@ -33,7 +34,6 @@ import json
 import multiprocessing as mp
 import sys
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,72 +98,24 @@ def parse_line(text: str, line_no: int) -> dict:
 
 
 def load_image(path: Path) -> np.ndarray:
-    """An image file -> uint8 [H, W, 3]; raises BadLine."""
-    if not path.is_file():
-        raise BadLine(f"missing image file {str(path)!r}")
-    if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:  # noqa: BLE001 - any decoding failure is a bad line
-            raise BadLine(f"unreadable image {str(path)!r} ({type(e).__name__})") from None
-    else:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise BadLine(f"cannot read {path.suffix or 'extension-less'} image {str(path)!r} without "
-                          "Pillow (pip install pillow), or save it as .npy") from None
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except Exception as e:  # noqa: BLE001
-            raise BadLine(f"unreadable image {str(path)!r} ({type(e).__name__})") from None
-    return _as_rgb(arr, path)
+    """An image file -> uint8 [H, W, 3] (megamm.media.read_image); raises BadLine."""
+    from megamm.media import MediaError, read_image
 
-
-def _as_rgb(arr: np.ndarray, path: Path) -> np.ndarray:
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and 0.0 <= arr.min() and arr.max() <= 1.0:
-            arr = np.rint(arr * 255).astype(np.uint8)
-        else:
-            raise BadLine(f"image {str(path)!r} has dtype {arr.dtype}; expected uint8 (or float in [0, 1])")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
-        raise BadLine(f"image {str(path)!r} has shape {list(arr.shape)}; expected [H, W, 3]")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr[:, :, :3])
+    try:
+        return read_image(path)
+    except MediaError as e:
+        raise BadLine(str(e)) from None
 
 
 def load_audio(path: Path, sample_rate: int) -> tuple[np.ndarray, str | None]:
-    """A PCM .wav -> (float32 mono [T] at `sample_rate`, note if it was resampled)."""
-    from megamm.tokenizers.dsp import resample
+    """A PCM .wav -> (float32 mono [T] at `sample_rate`, note if it was resampled)
+    (megamm.media.read_wav); raises BadLine."""
+    from megamm.media import MediaError, read_wav
 
-    if not path.is_file():
-        raise BadLine(f"missing audio file {str(path)!r}")
     try:
-        with wave.open(str(path), "rb") as w:
-            rate, width, channels = w.getframerate(), w.getsampwidth(), w.getnchannels()
-            raw = w.readframes(w.getnframes())
-    except (wave.Error, EOFError, OSError) as e:
-        raise BadLine(f"unreadable audio {str(path)!r} ({e or type(e).__name__})") from None
-    if width == 1:
-        pcm = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
-    elif width == 2:
-        pcm = np.frombuffer(raw, "<i2").astype(np.float32) / 32768
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        pcm = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 8388608
-    elif width == 4:
-        pcm = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648
-    else:
-        raise BadLine(f"audio {str(path)!r} has {8 * width}-bit samples; expected 8/16/24/32-bit PCM")
-    pcm = pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1)
-    if pcm.size == 0:
-        raise BadLine(f"empty audio {str(path)!r}")
-    if rate != sample_rate:
-        return resample(pcm, rate, sample_rate), f"resampled audio {str(path)!r} from {rate} Hz to {sample_rate} Hz"
-    return pcm.astype(np.float32), None
+        return read_wav(path, sample_rate)
+    except MediaError as e:
+        raise BadLine(str(e)) from None
 
 
 # ---- workers ----------------------------------------------------------------------------

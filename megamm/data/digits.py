@@ -19,7 +19,6 @@ Everything is a pure function of (split, colourings, seed): re-runs are identica
 from __future__ import annotations
 
 import json
-import wave
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from megamm.media import write_wav
 
 IMAGE_SIZE = 28
 SAMPLE_RATE = 16000
@@ -205,13 +206,3 @@ def export_manifest(directory: str | Path, split: str = "val", colourings: int =
     manifest = directory / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
-
-
-def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
-    """float [T] in [-1, 1] -> 16-bit mono PCM .wav."""
-    pcm = np.clip(np.rint(np.asarray(audio, np.float64) * 32767), -32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(int(sample_rate))
-        w.writeframes(pcm.tobytes())

@@ -5,7 +5,9 @@ greedily into rows of `seq_len + 1` tokens (padding the tail with `<pad>`; a doc
 longer than a row keeps its first `seq_len + 1` tokens, a valid grammar prefix), and
 deals the rows out: global micro-step t uses rows [t*mb*dp, (t+1)*mb*dp), data-parallel
 rank r the r-th block of mb of them. The state is (epoch, micro_step): saved in
-checkpoints, it resumes on exactly the next batch.
+checkpoints, it resumes on exactly the next batch. The saved state also counts the rows
+of the epoch consumed (`rows` = micro_step x mb x dp), from which a loader with another
+mb x dp (a resharded run) resumes on the same next row, when its mb x dp divides it.
 """
 from __future__ import annotations
 
@@ -125,10 +127,20 @@ class PackedLoader:
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "micro_step": self.state.micro_step}
+        return {"epoch": self.state.epoch, "micro_step": self.state.micro_step,
+                "rows": self.state.micro_step * self.rows_per_step}
 
     def load_state_dict(self, d: dict) -> None:
-        self.state = LoaderState(epoch=int(d["epoch"]), micro_step=int(d["micro_step"]))
+        """Resume at d's position: its `rows` when recorded, else its micro_step."""
+        micro_step = int(d["micro_step"])
+        if "rows" in d:
+            rows = int(d["rows"])
+            if rows % self.rows_per_step:
+                raise DataError(f"the checkpoint's data position is row {rows} of epoch {d['epoch']}, which "
+                                f"micro_batch x dp = {self.rows_per_step} does not divide: resume with a "
+                                f"micro batch and data-parallel size whose product divides {rows}")
+            micro_step = rows // self.rows_per_step
+        self.state = LoaderState(epoch=int(d["epoch"]), micro_step=micro_step)
 
 
 def validation_batches(shards: list[ShardReader], vocab: Vocab, seq_len: int, micro_batch: int,

@@ -1,2 +1,2 @@
-"""Evaluation of the embedded dataset's generations: the judges (megamm.eval.judges)
-that read generated images and speech back into digits, paints and words."""
+"""Evaluation of a trained checkpoint: held-out losses, generation judged by small
+classifiers (judges.py), sample grids and the training curve (report.py)."""

@@ -108,16 +108,21 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, cfg.n_kv_heads * hd, std, device=device)
         self.o_proj = Linear(cfg.n_heads * hd, d, out_std, device=device)
 
-    def forward(self, x, positions, doc_ids):
-        """x [B,S,D]; positions, doc_ids [B,S] (from megamm.model.attention.document_positions)."""
+    def forward(self, x, positions, doc_ids, cache=None):
+        """x [B,S,D]; positions, doc_ids [B,S] (from megamm.model.attention.document_positions).
+        With `cache` (a megamm.model.kv_cache.LayerCache) x holds only the new tokens:
+        their keys/values are appended and they attend to everything cached before."""
         B, S, _ = x.shape
         hd, cfg = self.cfg.head_dim, self.cfg
         q = self.q_proj(x).view(B, S, -1, hd)  # [B,S,H_local,Dh]
         k = self.k_proj(x).view(B, S, -1, hd)  # [B,S,G_local,Dh]
         v = self.v_proj(x).view(B, S, -1, hd)
         q, k = apply_rope(q, k, positions, cfg.rope_theta, cfg.kernels)
-        backend = choose_backend(cfg.attention, x.device, x.dtype)
-        out = attend(q, k, v, doc_ids, backend)  # [B,S,H_local,Dh]
+        if cache is not None:
+            out = cache.attend(q, k, v)
+        else:
+            backend = choose_backend(cfg.attention, x.device, x.dtype)
+            out = attend(q, k, v, doc_ids, backend)  # [B,S,H_local,Dh]
         return self.o_proj(out.reshape(B, S, -1))
 
 
@@ -143,7 +148,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels, device=device)
         self.mlp = SwiGLU(cfg, device=device)
 
-    def forward(self, x, positions, doc_ids):
-        """x [B,S,D] -> [B,S,D]; positions, doc_ids [B,S] locate each token in its document."""
-        h, x = self.mlp_norm(self.attn(self.attn_norm(x), positions, doc_ids), residual=x)
+    def forward(self, x, positions, doc_ids, cache=None):
+        """x [B,S,D] -> [B,S,D]; positions, doc_ids [B,S] locate each token in its document;
+        `cache`: this layer's KV cache when decoding (see Attention.forward)."""
+        h, x = self.mlp_norm(self.attn(self.attn_norm(x), positions, doc_ids, cache), residual=x)
         return x + self.mlp(h)

@@ -37,12 +37,17 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int) -> None:
         init_weights(self, seed)
 
-    def forward(self, ids, targets=None) -> torch.Tensor | LossOutput:
-        """ids [B,S] int64. targets [B,S] (the next ids) -> LossOutput; else logits [B,S,V]."""
-        positions, doc_ids = document_positions(ids, self.vocab.bos)
+    def forward(self, ids, targets=None, cache=None) -> torch.Tensor | LossOutput:
+        """ids [B,S] int64. targets [B,S] (the next ids) -> LossOutput; else logits [B,S,V].
+        With `cache` (megamm.model.kv_cache.KVCache), ids are the tokens that follow the
+        cached ones and the logits are theirs (incremental decoding)."""
+        if cache is not None:
+            positions, doc_ids = cache.extend(ids, self.vocab.bos)
+        else:
+            positions, doc_ids = document_positions(ids, self.vocab.bos)
         h = self.embed(ids)
-        for block in self.layers:
-            h = block(h, positions, doc_ids)
+        for i, block in enumerate(self.layers):
+            h = block(h, positions, doc_ids, None if cache is None else cache.layers[i])
         h = self.norm(h)
         if targets is None:
             return self.head(h)

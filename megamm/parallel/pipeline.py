@@ -117,6 +117,16 @@ def plain_name(layer_index: int, n_layers: int, key: str) -> str:
     return key  # embed.*, norm.*, head.* keep their names
 
 
+def pipeline_name(name: str, n_layers: int) -> str:
+    """Plain-model name -> the PipelineModule's parameter name ("<layer>.<key>"), the
+    inverse of plain_name."""
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        return f"{int(index) + 1}.block.{rest}"
+    layer = {"embed": 0, "norm": n_layers + 1, "head": n_layers + 2}[name.split(".", 1)[0]]
+    return f"{layer}.{name}"
+
+
 def build_pipeline(cfg: ModelConfig, topo, tp: TensorParallel | None, device, seed: int):
     """(PipelineModule for this rank's stage, its PipelineLoss)."""
     if cfg.tie_embeddings:

@@ -38,6 +38,10 @@ class TrainArgs:
     """Start from this checkpoint's weights (any layout; fresh optimizer and schedule)."""
     eval_interval: int = 0
     eval_batches: int = 8
+    sample_interval: int = 0
+    """Every N steps save a checkpoint and write samples from fixed prompts (0: off)."""
+    final_eval: bool | None = None
+    """Evaluate the final checkpoint (tools/evaluate.py); None: when training on the embedded data set."""
     dry_run: bool = False
     precision: str | None = None
     loss_scope: str | None = None
@@ -57,7 +61,8 @@ class TrainArgs:
         checks = {"max_steps": self.max_steps >= 1, "warmup": self.warmup >= 0,
                   "save_interval": self.save_interval >= 0, "keep_last": self.keep_last >= 0,
                   "max_bad_steps": self.max_bad_steps >= 1, "eval_interval": self.eval_interval >= 0,
-                  "eval_batches": self.eval_batches >= 1, "log_interval": self.log_interval >= 1,
+                  "eval_batches": self.eval_batches >= 1,
+                  "sample_interval": self.sample_interval >= 0, "log_interval": self.log_interval >= 1,
                   "tp": self.tp >= 1, "pp": self.pp >= 1, "dist_timeout": self.dist_timeout > 0}
         for name in ("seq_len", "micro_batch", "grad_accum"):
             if getattr(self, name) is not None:
@@ -67,6 +72,9 @@ class TrainArgs:
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(self, name)}")
+        if (self.sample_interval or self.final_eval) and not self.save_dir:
+            raise ConfigError("--sample-interval and --final-eval need --save-dir (samples and the "
+                              "report are made from its checkpoints)")
         if self.resume and not self.save_dir:
             raise ConfigError("--resume needs --save-dir (the directory to resume from)")
 
@@ -103,6 +111,12 @@ def parser() -> argparse.ArgumentParser:
       "optimizer and schedule; --resume of --save-dir takes precedence)")
     a("--eval-interval", type=int, default=0, help="validation loss every N steps (0: off)")
     a("--eval-batches", type=int, default=8)
+    a("--sample-interval", type=int, default=0, metavar="N",
+      help="every N steps save a checkpoint and write a sample grid and clips from fixed prompts to "
+           "<save-dir>/samples/ (0: off)")
+    a("--final-eval", dest="final_eval", action="store_const", const=True,
+      help="evaluate the final checkpoint into <save-dir>/report.json (default: on for the embedded data set)")
+    a("--no-final-eval", dest="final_eval", action="store_const", const=False)
     a("--dry-run", action="store_true", help="build on the meta device, print the size and layout, exit")
     a("--precision", choices=["bf16", "fp16", "fp32"], help="overrides the config's mixed precision")
     a("--loss-scope", choices=["modality", "full"])

@@ -5,6 +5,8 @@ Layout of a save directory:
 
     <save_dir>/latest          name of the newest complete checkpoint (replaced atomically)
     <save_dir>/step<N>/        DeepSpeed's files + megamm.json + rng_rank<r>.pt + manifest.json
+                               (DeepSpeed's universal layout when tools/reshard.py wrote it:
+                               megamm/train/universal.py)
 
 Save protocol. Every rank runs every stage, and a rank whose write fails records the
 error instead of raising it, so every rank reaches every collective (DeepSpeed's
@@ -45,7 +47,7 @@ import torch
 
 from megamm.config import ConfigError, ModelConfig
 from megamm.parallel.tensor_parallel import merge_shards
-from megamm.train import manifest
+from megamm.train import manifest, universal
 from megamm.train.safe_load import refusing_unsafe_pickles
 
 META_FILE = "megamm.json"
@@ -204,7 +206,7 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int,
     if not failures:
         error = _attempt(lambda: torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt"))
         if error is None and rank == 0:
-            error = _attempt(lambda: (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=1)))
+            error = _attempt(lambda: _write_meta(tmp_dir, meta))
         failures += [error] if error else []
     fail_if(_agree(failures[0] if failures else None))
 
@@ -229,6 +231,29 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int,
     if keep_last:
         _prune(save_dir, step, keep_last, rank)
     return final_dir
+
+
+TOKENIZERS_DIR = "tokenizers"
+
+
+def _write_meta(ckpt: Path, meta: dict) -> None:
+    """megamm.json; the tokenizers it names are copied in beside it (`tokenizers/`), so
+    the checkpoint directory alone is enough to generate and evaluate anywhere."""
+    src = meta.get("tokenizers")
+    if src and Path(src).is_absolute() and Path(src).is_dir():
+        shutil.copytree(src, ckpt / TOKENIZERS_DIR)
+        meta = {**meta, "tokenizers": TOKENIZERS_DIR, "tokenizers_source": str(src)}
+    (ckpt / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def tokenizers_dir(ckpt: Path, meta: dict | None = None) -> Path | None:
+    """The tokenizers of a checkpoint: its own copy (a path relative to it), or — in
+    checkpoints from before they carried one — the absolute path it recorded."""
+    meta = read_meta(ckpt) if meta is None else meta
+    tok = meta.get("tokenizers")
+    if not tok:
+        return None
+    return Path(tok) if Path(tok).is_absolute() else Path(ckpt) / tok
 
 
 def _prune(save_dir: Path, step: int, keep_last: int, rank: int) -> None:
@@ -286,13 +311,21 @@ def pick_intact(save_dir, rank: int) -> tuple[str, list[str]]:
     raise CheckpointError(f"no intact checkpoint in {save_dir}: " + "; ".join(skipped))
 
 
-def resume(engine, save_dir, rank: int) -> dict:
-    """Load the newest intact checkpoint of save_dir into engine; returns its client state."""
+def pick_for_resume(save_dir, rank: int) -> str:
+    """pick_intact's tag, with one warning line (rank 0) naming the checkpoints skipped."""
     save_dir = Path(save_dir)
     tag, skipped = pick_intact(save_dir, rank)
     if skipped and rank == 0:
         print(f"warning: skipped damaged checkpoint(s) {', '.join(skipped)}; resuming from {save_dir / tag}",
               file=sys.stderr, flush=True)
+    return tag
+
+
+def resume(engine, save_dir, rank: int, tag: str | None = None) -> dict:
+    """Load checkpoint `tag` (default: the newest intact one, pick_for_resume) of save_dir
+    into engine; returns its client state."""
+    save_dir = Path(save_dir)
+    tag = tag or pick_for_resume(save_dir, rank)
     with refusing_unsafe_pickles(save_dir / tag):
         path, client_state = engine.load_checkpoint(str(save_dir), tag=tag)
         if path is None:
@@ -351,8 +384,12 @@ def verified_checkpoint_dir(path) -> Path:
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole plain model from a checkpoint of any layout: each
     tensor-parallel rank's state (from the ZeRO partitions, the model file, or the
-    pipeline's per-layer files) under plain-model names, then the shards merged."""
+    pipeline's per-layer files) under plain-model names, then the shards merged; a
+    universal checkpoint (tools/reshard.py) holds them whole."""
     meta = read_meta(ckpt)
+    if universal.is_universal(meta):
+        with refusing_unsafe_pickles(ckpt):
+            return universal.read_weights(ckpt, ModelConfig.from_dict(meta["model"]), meta)
     layout = meta.get("topology", {})
     tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
     n_layers = ModelConfig.from_dict(meta["model"]).n_layers

@@ -19,7 +19,7 @@ from megamm.parallel import Topology
 from megamm.parallel.distributed import barrier, init_distributed
 from megamm.tokenizers import tokenizers_dir_of
 from megamm.schedule import warmup_cosine
-from megamm.train import bad_steps, checkpoint, ds_config
+from megamm.train import bad_steps, checkpoint, ds_config, universal
 from megamm.train.args import TrainArgs
 from megamm.train.engine import Trainer, build_trainer, check_layout
 from megamm.train.init_from import load_init_state
@@ -149,6 +149,12 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
         val = validation_batches(open_split(data_dir, "val", vocab), vocab, cfg.max_seq_len, mb,
                                  groups.dp_rank, topo.dp, args.eval_batches)
     init_state = load_init_state(args.init_from, cfg) if args.init_from and not args.resume else None
+    tag = None
+    if args.resume or (args.auto_resume and checkpoint.has_latest(args.save_dir)):
+        tag = checkpoint.pick_for_resume(args.save_dir, rank)
+        meta = checkpoint.read_meta(Path(args.save_dir) / tag)
+        if universal.is_universal(meta):  # resharded: DeepSpeed loads it when the engine is built for it
+            ds_cfg = universal.resume_config(meta, topo.tp, topo.pp, ds_cfg, Path(args.save_dir) / tag)
     trainer = build_trainer(cfg, ds_cfg, groups, device, args.seed, args.sequence_parallel, lr_lambda(args),
                             guard=bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank), init_state=init_state)
     del init_state
@@ -158,8 +164,8 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
         print(describe(cfg, ds_cfg, topo, args), flush=True)
         print(f"data: {data_dir} ({sum(len(s) for s in loader.shards):,} train documents, "
               f"{loader.steps_per_epoch() // trainer.gas:,} steps per epoch)", flush=True)
-    if args.resume or (args.auto_resume and checkpoint.has_latest(args.save_dir)):
-        client = checkpoint.resume(trainer.engine, args.save_dir, rank)
+    if tag is not None:
+        client = checkpoint.resume(trainer.engine, args.save_dir, rank, tag)
         run.step = int(client["step"])
         loader.load_state_dict(client["loader"])
         if rank == 0:
@@ -202,6 +208,7 @@ def run(args: TrainArgs) -> list[dict]:
             rec.update(trainer.evaluate(r.val))
         if rank == 0:
             records.append(rec)
+            monitor_events(trainer.engine, rec)
             if r.step % args.log_interval == 0 or r.step == args.max_steps:
                 log.write(rec)
             if bar is not None:
@@ -209,9 +216,14 @@ def run(args: TrainArgs) -> list[dict]:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         trainer.guard.stop_if_exhausted()  # every rank saw the same skips
         signum = stop.agreed(trainer.device) if r.step < args.max_steps else 0  # collective: any rank signalled?
+        sample_now = bool(args.sample_interval and r.step % args.sample_interval == 0)
         if args.save_dir and trainer.guard.may_save() and ((args.save_interval and r.step % args.save_interval == 0)
-                                                           or r.step == args.max_steps or signum):
+                                                           or r.step == args.max_steps or signum or sample_now):
             r.save()
+            if sample_now and rank == 0:
+                from megamm.eval.report import write_samples
+
+                write_samples(Path(args.save_dir) / f"step{r.step}", Path(args.save_dir) / "samples", r.step)
         if signum:
             e = Preempted(r.step, StopRequest.name(signum),
                           args.save_dir and str(Path(args.save_dir) / f"step{r.step}"))
@@ -224,4 +236,40 @@ def run(args: TrainArgs) -> list[dict]:
         last = records[-1]
         print(f"done: step {last['step']} loss {last['loss']:.4f}"
               + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else ""), flush=True)
+    final_eval = args.final_eval if args.final_eval is not None else (args.data is None and bool(args.save_dir))
+    if final_eval and rank == 0 and checkpoint.has_latest(args.save_dir):
+        final_report(Path(args.save_dir))
     return records
+
+
+def monitor_events(engine, rec: dict) -> None:
+    """Hand the step's record to DeepSpeed's monitors (the config's tensorboard / csv_monitor /
+    wandb sections), when any is enabled."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not getattr(monitor, "enabled", False):
+        return
+    monitor.write_events([(f"Train/megamm/{k}", float(v), rec["step"]) for k, v in rec.items()
+                          if k != "step" and isinstance(v, (int, float))])
+
+
+class FinalEvalError(RuntimeError):
+    """The run trained and saved, but evaluating its final checkpoint failed."""
+
+
+def final_report(save_dir: Path) -> None:
+    """tools/evaluate.py on the run's final checkpoint; prints where the report and samples are."""
+    out = save_dir / "report.json"
+    print(f"evaluating the final checkpoint ({save_dir / checkpoint.latest_tag(save_dir)}) ...", flush=True)
+    try:
+        from megamm.eval.report import evaluate
+
+        report = evaluate(save_dir, out, log=lambda m: print(m, flush=True))
+    except Exception as e:  # noqa: BLE001 - the checkpoint is safe; say so in one line
+        raise FinalEvalError(f"evaluating the final checkpoint failed ({type(e).__name__}: {e}); the checkpoint "
+                             f"is saved: python tools/evaluate.py --checkpoint {save_dir} --out {out}") from None
+    keys = ("test_nll_nats_per_dim", "text_to_image_digit_acc", "text_to_image_color_acc", "image_to_text_exact",
+            "audio_to_text_exact", "text_to_audio_word_acc")
+    print("report: " + ", ".join(f"{k} {report[k]:.3f}" for k in keys if k in report), flush=True)
+    print(f"samples: {report['samples_png']}" + (f"  curve: {report['curve_png']}" if "curve_png" in report else ""),
+          flush=True)
+    print(f"report written to {out}", flush=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megamm import media
 from megamm.data import digits
 from megamm.data.default import DefaultDatasetRecipe
 from megamm.data.documents import DocumentMix, build_document, encode_examples, example_rng, split_document, split_of
@@ -152,6 +153,18 @@ def _rebase(line, base):
     for k in ("image", "audio"):
         rec[k] = str(base / rec[k])
     return json.dumps(rec)
+
+
+def test_png_images_load_without_pillow(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
+    image = digits.make_split("val", colourings=1, audio=False, stop=1).images[0]
+    media.write_png(tmp_path / "digit.png", image)
+    assert np.array_equal(tool.load_image(tmp_path / "digit.png"), image)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "digit.png").read_bytes()[:60])
+    with pytest.raises(tool.BadLine, match=r"unreadable image '.*cut\.png' \(truncated"):
+        tool.load_image(tmp_path / "cut.png")
+    with pytest.raises(tool.BadLine, match=r"missing audio file '.*gone\.wav'"):
+        tool.load_audio(tmp_path / "gone.wav", 16000)
 
 
 def test_bad_lines_are_counted_with_line_numbers(bad_manifest, tok_dir, tmp_path):

@@ -110,6 +110,23 @@ def test_loader_state_resumes_on_the_next_batch_across_epochs(data):
         assert (b.next_batch()[0] == e).all()
 
 
+def test_loader_state_resumes_on_the_same_row_under_another_micro_batch(data):
+    """A resharded run (another micro_batch x dp) continues at the row the saved one reached."""
+    v = Vocab(VOCAB)
+    shards = open_split(data, "train", v)
+    a = PackedLoader(shards, v, 63, micro_batch=4, seed=1)
+    for _ in range(2):
+        a.next_batch()
+    state = a.state_dict()
+    expected = a.next_batch()[0]  # rows 8..11
+    b = PackedLoader(shards, v, 63, micro_batch=2, seed=1)
+    b.load_state_dict(state)
+    assert (np.concatenate([b.next_batch()[0], b.next_batch()[0]]) == expected).all()
+    c = PackedLoader(shards, v, 63, micro_batch=3, seed=1)
+    with pytest.raises(DataError, match="row 8 of epoch 0.*= 3 does not divide"):
+        c.load_state_dict(state)
+
+
 def test_too_small_a_data_set_is_a_clear_error(tmp_path):
     write_synthetic_dataset(tmp_path, VOCAB, n_train=2, n_val=1)
     v = Vocab(VOCAB)

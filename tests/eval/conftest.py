@@ -1,19 +1,12 @@
-"""Session fixtures: the quick default tokenizers in the session's temporary cache (the
-same place tests/tokenizers builds them, so a full run builds them once), and the
-judges trained for them there."""
-from pathlib import Path
-
+"""Session fixtures of the judges' tests: the quick default tokenizers in the session's
+cache (tests/conftest.py's quick_cache, where tests/tokenizers builds them too), the
+judges trained for them there, and the held-out examples."""
 import pytest
 
 from megamm.data.default import DefaultTokenizerRecipe, load_default
 from megamm.data.digits import make_split
 from megamm.eval.judges import load_judges
 from megamm.tokenizers import Tokenizers
-
-
-@pytest.fixture(scope="session")
-def quick_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "megamm-cache"
 
 
 @pytest.fixture(scope="session")
