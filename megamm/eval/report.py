@@ -19,7 +19,8 @@ Generation, judged (megamm/eval/judges.py; fractions in [0, 1]):
                              caption's colour (shade and hue)"
     image_to_text_exact      greedy caption == the true caption, exactly
     audio_to_text_exact      greedy transcript == the spoken caption, exactly
-    text_to_audio_word_acc   words of the caption the audio judge hears, by position
+    text_to_audio_word_acc   words of the caption the audio judge hears, in order (longest
+                             common subsequence over the longer of the two word counts)
 
 Pictures: `<out stem>_samples.png` (generated images with their prompt under each) and
 `<out stem>_curve.png` (the training curve from the run's metrics.jsonl, when found).
@@ -179,7 +180,7 @@ def evaluate(checkpoint, out: Path, settings: EvalSettings = EvalSettings(), jud
     if judges is None:
         from megamm.eval.judges import load_judges
 
-        judges = load_judges()
+        judges = load_judges(gen.tok)  # trained (once, cached) for this checkpoint's tokenizers
     report: dict = {"checkpoint": str(Path(ckpt).resolve())}
     data = heldout(settings.loss_examples or None)
     log(f"evaluate: held-out losses over {len(data)} examples")
