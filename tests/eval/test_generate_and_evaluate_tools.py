@@ -24,13 +24,31 @@ _spec.loader.exec_module(_train)
 def moved_checkpoint(quick_data_dir, tmp_path_factory) -> Path:
     """Train 3 steps on the quick default data, then move the save dir elsewhere."""
     base = tmp_path_factory.mktemp("gen")
-    proc = _train.run_train(["--data", quick_data_dir, "--ds_config", "cpu.json", "--precision", "fp32",
+    ds = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
+    ds["csv_monitor"] = {"enabled": True, "output_path": str(base / "csv"), "job_name": "run"}
+    (base / "ds.json").write_text(json.dumps(ds))
+    proc = _train.run_train(["--data", quick_data_dir, "--ds_config", base / "ds.json", "--precision", "fp32",
                              "--seq-len", 512, "--micro-batch", 1, "--max-steps", 3, "--warmup", 1,
-                             "--save-dir", base / "run"])
+                             "--sample-interval", 3, "--save-dir", base / "run"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     moved = base / "elsewhere" / "run"
+    moved.parent.mkdir()
     shutil.move(str(base / "run"), moved)
     return moved
+
+
+def test_sample_interval_writes_samples_and_the_monitor_gets_the_metrics(moved_checkpoint):
+    from megamm.media import read_image
+
+    samples = moved_checkpoint / "samples"
+    grid = read_image(samples / "step3.png")
+    assert grid.shape[0] > 28 and grid.shape[1] > 8 * 28  # 8 images in a row, captions under them
+    lines = (samples / "step3.txt").read_text().splitlines()
+    assert lines[0] == "step 3" and sum(line.startswith("  ") and " | " in line for line in lines) == 16
+    assert len(list(samples.glob("step3_audio_*.wav"))) == 2
+    csv = moved_checkpoint.parent.parent / "csv" / "run"
+    loss = next(csv.glob("*megamm_loss.csv")).read_text().splitlines()
+    assert [line.split(",")[0] for line in loss[-3:]] == ["1", "2", "3"]
 
 
 def tool(name: str, *args, cache: Path) -> subprocess.CompletedProcess:
