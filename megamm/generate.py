@@ -198,22 +198,24 @@ class MultimodalGenerator:
     @torch.no_grad()
     def generate_ids(self, segments, to: str, num_samples: int = 1, sampling: Sampling = Sampling()):
         """-> list of num_samples lists of the generated segment's ids (content only)."""
-        prompt = self.prompt(segments, to)
+        return self.generate_batch_ids([segments] * num_samples, to, sampling)
+
+    @torch.no_grad()
+    def generate_batch_ids(self, prompts: list, to: str, sampling: Sampling = Sampling()):
+        """One generation per prompt (a list of segments each), in one batch -> the
+        generated segments' ids (content only)."""
+        ids = [self.prompt(p, to) for p in prompts]
         uncond = None
         if sampling.cfg_scale != 1.0 and to in ("image", "audio"):
-            uncond = [self.prompt(segments, to, conditional=False)] * num_samples
-        limit = self.max_new_tokens(to, len(prompt))
+            uncond = [self.prompt(p, to, conditional=False) for p in prompts]
+        shortest = min(map(len, ids))  # the longest budget any row may need
+        limit = self.max_new_tokens(to, shortest)
         if limit < (self.vocab.cfg.image_tokens + 1 if to == "image" else 2):
-            raise ValueError(f"the prompt ({len(prompt)} tokens) leaves no room in the model's "
+            raise ValueError(f"the prompt ({shortest} tokens) leaves no room in the model's "
                              f"{self.model.config.max_seq_len}-token context")
         closer = self.vocab.special(CLOSERS[to])
-        outs = sample(self.model, [prompt] * num_samples, [closer, self.vocab.eos], limit, sampling, uncond)
-        content = []
-        for row in outs:
-            if row and row[-1] in (closer, self.vocab.eos):
-                row = row[:-1]
-            content.append(row)
-        return content
+        outs = sample(self.model, ids, [closer, self.vocab.eos], limit, sampling, uncond)
+        return [row[:-1] if row and row[-1] in (closer, self.vocab.eos) else row for row in outs]
 
     def decode(self, to: str, ids: list[int]):
         v = self.vocab

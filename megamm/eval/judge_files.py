@@ -3,35 +3,24 @@ report) next to `model.safetensors` (weights, written by megamm.tokenizers.io). 
 pickle; sorted JSON keys, so the same judge always gives the same bytes."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from megamm.tokenizers.io import load_weights, save_weights
+from megamm.tokenizers.io import load_weights, read_info, save_weights, write_info
 
 INFO_FILE = "megamm_judge.json"
-FORMAT_VERSION = 1
 
 
 def save_judge(directory: str | Path, kind: str, config: dict, report: dict, module: torch.nn.Module) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_weights(directory, module)
-    info = {"kind": kind, "format": FORMAT_VERSION, "config": config, "report": report}
-    (directory / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    write_info(directory, kind, {"config": config, "report": report}, info_file=INFO_FILE)
 
 
 def read_judge_info(directory: str | Path, kind: str) -> dict:
-    path = Path(directory) / INFO_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {INFO_FILE} in {directory} (not a saved megamm judge)")
-    info = json.loads(path.read_text())
-    if info.get("kind") != kind:
-        raise ValueError(f"{path}: holds a {info.get('kind')!r} judge, expected {kind!r}")
-    if info.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {info.get('format')} is not the supported {FORMAT_VERSION}")
-    return info
+    return read_info(Path(directory), kind, info_file=INFO_FILE, what="judge")
 
 
 def load_judge_weights(directory: str | Path, module: torch.nn.Module) -> None:

@@ -106,20 +106,10 @@ def test_losses(gen: MultimodalGenerator, data, batch: int = 16) -> dict:
 # ---- generation -------------------------------------------------------------------------------
 def _batched(gen: MultimodalGenerator, prompts: list[list], to: str, sampling: Sampling, batch: int):
     """Generate one output per prompt (prompts: lists of segments), `batch` rows at a time."""
-    from megamm.generate import sample
-
     outs = []
     for s in range(0, len(prompts), batch):
-        chunk = prompts[s:s + batch]
-        ids = [gen.prompt(p, to) for p in chunk]
-        uncond = None
-        if sampling.cfg_scale != 1.0 and to in ("image", "audio"):
-            uncond = [gen.prompt(p, to, conditional=False) for p in chunk]
-        limit = max(gen.max_new_tokens(to, len(i)) for i in ids)
-        closer = gen.vocab.special({"text": "eot", "image": "eoi", "audio": "eoa"}[to])
         sub = Sampling(**{**sampling.__dict__, "seed": sampling.seed + s})
-        for row in sample(gen.model, ids, [closer, gen.vocab.eos], limit, sub, uncond):
-            outs.append(gen.decode(to, row[:-1] if row and row[-1] in (closer, gen.vocab.eos) else row))
+        outs += [gen.decode(to, ids) for ids in gen.generate_batch_ids(prompts[s:s + batch], to, sub)]
     return outs
 
 

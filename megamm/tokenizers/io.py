@@ -14,18 +14,19 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def write_info(directory: Path, kind: str, fields: dict) -> None:
+def write_info(directory: Path, kind: str, fields: dict, info_file: str = INFO_FILE) -> None:
     info = {"kind": kind, "format": FORMAT_VERSION, **fields}
-    (Path(directory) / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    (Path(directory) / info_file).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
 
 
-def read_info(directory: Path, kind: str) -> dict:
-    path = Path(directory) / INFO_FILE
+def read_info(directory: Path, kind: str, info_file: str = INFO_FILE, what: str = "tokenizer") -> dict:
+    """The info file of a saved `what` (a tokenizer; the judges share the format)."""
+    path = Path(directory) / info_file
     if not path.is_file():
-        raise FileNotFoundError(f"no {INFO_FILE} in {directory} (not a saved megamm tokenizer)")
+        raise FileNotFoundError(f"no {info_file} in {directory} (not a saved megamm {what})")
     info = json.loads(path.read_text())
     if info.get("kind") != kind:
-        raise ValueError(f"{path}: holds a {info.get('kind')!r} tokenizer, expected {kind!r}")
+        raise ValueError(f"{path}: holds a {info.get('kind')!r} {what}, expected {kind!r}")
     if info.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {info.get('format')} is not the supported {FORMAT_VERSION}")
     return info
