@@ -58,3 +58,26 @@ def quick_data_dir(quick_cache) -> Path:
     from megamm.data.default import DefaultDatasetRecipe, ensure_default_dataset
 
     return ensure_default_dataset(quick_cache, DefaultDatasetRecipe.quick(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def quick_tokenizers_dir(quick_cache) -> Path:
+    """Directory of the quick default tokenizers in the session's cache."""
+    from megamm.data.default import DefaultTokenizerRecipe, ensure_default_tokenizers
+
+    return ensure_default_tokenizers(quick_cache, DefaultTokenizerRecipe.quick(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def quick_tokenizers(quick_tokenizers_dir):
+    from megamm.tokenizers import Tokenizers
+
+    return Tokenizers.load(quick_tokenizers_dir)
+
+
+@pytest.fixture(scope="session")
+def heldout():
+    """The 180 held-out digits, one colouring each, with spoken captions."""
+    from megamm.data.digits import make_split
+
+    return make_split("val", colourings=1, seed=0)

@@ -12,10 +12,8 @@ import pytest
 
 from megamm import media
 from megamm.data import digits
-from megamm.data.default import DefaultDatasetRecipe
 from megamm.data.documents import DocumentMix, build_document, encode_examples, example_rng, split_document, split_of
 from megamm.data.shards import ShardReader, list_shards
-from megamm.data.default import ensure_default_tokenizers
 from megamm.tokenizers import Tokenizers
 from megamm.tokenizers.dsp import mel_distance, psnr_db
 from megamm.runtime import torch_threads
@@ -38,15 +36,13 @@ tool = _load_tool()
 
 
 @pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory) -> Path:
-    # same cache as tests/tokenizers/conftest.py: the quick tokenizers train once a session
-    cache = tmp_path_factory.getbasetemp() / "megamm-cache"
-    return ensure_default_tokenizers(cache, DefaultDatasetRecipe.quick().tokenizers, progress=False)
+def tok_dir(quick_tokenizers_dir) -> Path:
+    return quick_tokenizers_dir
 
 
 @pytest.fixture(scope="session")
-def toks(tok_dir) -> Tokenizers:
-    return Tokenizers.load(tok_dir)
+def toks(quick_tokenizers) -> Tokenizers:
+    return quick_tokenizers
 
 
 @pytest.fixture(scope="session")

@@ -39,9 +39,9 @@ def test_caption_fields():
             caption_fields(bad)
 
 
-def test_caption_fields_of_every_heldout_caption(val):
-    fields = [caption_fields(c) for c in val.captions]
-    assert [f["digit"] for f in fields] == val.digits.tolist()
+def test_caption_fields_of_every_heldout_caption(heldout):
+    fields = [caption_fields(c) for c in heldout.captions]
+    assert [f["digit"] for f in fields] == heldout.digits.tolist()
     assert all(f["foreground"].split()[1] != f["background"].split()[1] for f in fields)
 
 
@@ -56,17 +56,17 @@ def test_word_accuracy():
     assert word_accuracy(ref, "") == 0.0 and word_accuracy("", "") == 1.0 and word_accuracy("", "on") == 0.0
 
 
-def test_image_judge_reads_heldout_images(judges, val):
+def test_image_judge_reads_heldout_images(judges, heldout):
     image_judge, _ = judges
-    acc = image_judge.accuracy(val.images, val.captions)
+    acc = image_judge.accuracy(heldout.images, heldout.captions)
     print("image judge, held-out originals:", acc)
     assert all(acc[k] >= IMAGE_MIN for k in ("digit", "foreground", "background")), acc
 
 
-def test_audio_judge_transcribes_heldout_speech(judges, val):
+def test_audio_judge_transcribes_heldout_speech(judges, heldout):
     _, audio_judge = judges
-    hyp = audio_judge.transcribe(val.audio)
-    acc = np.mean([word_accuracy(r, h) for r, h in zip(val.captions, hyp)])
+    hyp = audio_judge.transcribe(heldout.audio)
+    acc = np.mean([word_accuracy(r, h) for r, h in zip(heldout.captions, hyp)])
     print("audio judge, held-out originals: word accuracy", acc)
     assert acc >= AUDIO_MIN
 
@@ -83,26 +83,26 @@ def test_judges_read_heldout_roundtrips(judges):
     assert image_judge.report["train_s"] > 0 and audio_judge.report["train_cpu_s"] > 0
 
 
-def test_heldout_accuracy_counts_like_the_judges(judges, val):
+def test_heldout_accuracy_counts_like_the_judges(judges, heldout):
     image_judge, audio_judge = judges
     out = heldout_accuracy(image_judge, audio_judge, None, colourings=1)
-    assert out["examples"] == len(val) and set(out["image"]) == {"original"}
-    assert out["image"]["original"] == {k: round(v, 4) for k, v in image_judge.accuracy(val.images, val.captions).items()}
-    hyp = audio_judge.transcribe(val.audio)
+    assert out["examples"] == len(heldout) and set(out["image"]) == {"original"}
+    assert out["image"]["original"] == {k: round(v, 4) for k, v in image_judge.accuracy(heldout.images, heldout.captions).items()}
+    hyp = audio_judge.transcribe(heldout.audio)
     assert out["audio"]["original"]["word_accuracy"] == round(
-        float(np.mean([word_accuracy(r, h) for r, h in zip(val.captions, hyp)])), 4)
-    assert out["audio"]["original"]["exact"] == round(float(np.mean([r == h for r, h in zip(val.captions, hyp)])), 4)
+        float(np.mean([word_accuracy(r, h) for r, h in zip(heldout.captions, hyp)])), 4)
+    assert out["audio"]["original"]["exact"] == round(float(np.mean([r == h for r, h in zip(heldout.captions, hyp)])), 4)
 
 
-def test_judges_read_roundtrips_with_corrupted_codes(judges, val, quick_tokenizers):
+def test_judges_read_roundtrips_with_corrupted_codes(judges, heldout, quick_tokenizers):
     """Round trips with each code replaced by a random one with a probability drawn per
     example from [0, 0.1]: roughly what a model's mistakes do to its outputs."""
     image_judge, audio_judge = judges
     rng = np.random.default_rng(123)
-    images = roundtrip_images(quick_tokenizers.image, val.images, corrupt=0.1, rng=rng)
-    acc = image_judge.accuracy(images, val.captions)
-    clips = roundtrip_audio(quick_tokenizers.audio, val.audio[::2], corrupt=0.1, rng=rng)  # 90 clips
-    words = np.mean([word_accuracy(r, h) for r, h in zip(val.captions[::2], audio_judge.transcribe(clips))])
+    images = roundtrip_images(quick_tokenizers.image, heldout.images, corrupt=0.1, rng=rng)
+    acc = image_judge.accuracy(images, heldout.captions)
+    clips = roundtrip_audio(quick_tokenizers.audio, heldout.audio[::2], corrupt=0.1, rng=rng)  # 90 clips
+    words = np.mean([word_accuracy(r, h) for r, h in zip(heldout.captions[::2], audio_judge.transcribe(clips))])
     print("held-out round trips, up to 10% of codes corrupted: image", acc, "audio word accuracy", words)
     assert all(acc[k] >= CORRUPT_IMAGE_MIN for k in ("digit", "foreground", "background")), acc
     assert words >= CORRUPT_AUDIO_MIN
@@ -138,17 +138,17 @@ def test_garbage_audio_does_not_crash(judges):
         audio_judge.transcribe([np.zeros((2, 100), np.float32)])
 
 
-def test_word_spans_find_the_clips_or_refuse(val):
+def test_word_spans_find_the_clips_or_refuse(heldout):
     clips = load_word_clips()
-    spans = word_spans(val.audio[0], val.captions[0], clips)
+    spans = word_spans(heldout.audio[0], heldout.captions[0], clips)
     assert len(spans) == 6 and all(a < b <= c for (a, b), (c, _) in zip(spans, spans[1:]))
-    for (start, stop), word in zip(spans, val.captions[0].split()):
-        assert np.array_equal(val.audio[0][start:stop], clips[word])
-    other = next(c for c in val.captions if c != val.captions[0])
+    for (start, stop), word in zip(spans, heldout.captions[0].split()):
+        assert np.array_equal(heldout.audio[0][start:stop], clips[word])
+    other = next(c for c in heldout.captions if c != heldout.captions[0])
     with pytest.raises(ValueError, match="not the spoken caption"):
-        word_spans(val.audio[0], other, clips)
+        word_spans(heldout.audio[0], other, clips)
     with pytest.raises(ValueError, match="not the spoken caption"):
-        word_spans(val.audio[0] * 0.5, val.captions[0], clips)
+        word_spans(heldout.audio[0] * 0.5, heldout.captions[0], clips)
 
 
 def test_min_duration_path_is_the_best_allowed_labelling():
@@ -177,25 +177,25 @@ def test_min_duration_path_is_the_best_allowed_labelling():
     assert min_duration_path(np.log(probs), np.array([1, 1])).tolist() == [0] * 5 + [1] * 3 + [0] * 5
 
 
-def test_save_load_and_wrong_kind(judges, tmp_path, val):
+def test_save_load_and_wrong_kind(judges, tmp_path, heldout):
     image_judge, audio_judge = judges
     image_judge.save(tmp_path / "image")
     audio_judge.save(tmp_path / "audio")
-    assert ImageJudge.load(tmp_path / "image").predict(val.images[:20]) == image_judge.predict(val.images[:20])
-    assert AudioJudge.load(tmp_path / "audio").transcribe(val.audio[:5]) == audio_judge.transcribe(val.audio[:5])
+    assert ImageJudge.load(tmp_path / "image").predict(heldout.images[:20]) == image_judge.predict(heldout.images[:20])
+    assert AudioJudge.load(tmp_path / "audio").transcribe(heldout.audio[:5]) == audio_judge.transcribe(heldout.audio[:5])
     with pytest.raises(ValueError, match="audio_judge"):
         ImageJudge.load(tmp_path / "audio")
     with pytest.raises(FileNotFoundError):
         AudioJudge.load(tmp_path)
 
 
-def test_second_load_is_a_cache_hit(judges, quick_tokenizers, quick_cache, monkeypatch, val):
+def test_second_load_is_a_cache_hit(judges, quick_tokenizers, quick_cache, monkeypatch, heldout):
     def no_training(*args, **kwargs):
         raise AssertionError("load_judges trained again instead of loading the cached judges")
 
     monkeypatch.setattr(judges_module, "train_judges", no_training)
     image_judge, audio_judge = load_judges(quick_tokenizers, cache_dir=quick_cache, progress=False)
-    assert image_judge.predict(val.images[:20]) == judges[0].predict(val.images[:20])
+    assert image_judge.predict(heldout.images[:20]) == judges[0].predict(heldout.images[:20])
     assert audio_judge.report == judges[1].report
     key = JudgeRecipe().key(quick_tokenizers)
     assert (quick_cache / f"judges-{key}" / "image" / "model.safetensors").is_file()

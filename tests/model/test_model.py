@@ -65,6 +65,34 @@ def test_loss_equals_masked_cross_entropy_of_the_logits(scope):
     torch.testing.assert_close(got, reference_losses(m, x, y, scope), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scope,z", [("modality", 0.0), ("modality", 1e-2), ("full", 1e-2)])
+def test_loss_gradients_equal_those_of_the_masked_cross_entropy(scope, z):
+    """The one-process loss (each grammar state's positions against only its allowed
+    rows) has the loss and gradients of the dense masked softmax, z-loss included."""
+    x, y = packed_batch(Vocab(VOCAB), seed=4)
+    grads = []
+    for dense in (False, True):
+        m = build_model(CFG.replace(loss_scope=scope, z_loss=z), seed=2)
+        if dense:
+            v = m.vocab
+            logits = m(x).float()
+            states = v.states(x)
+            if scope == "modality":
+                logits = logits.masked_fill(~v.allowed_table()[states], float("-inf"))
+            logits = logits.reshape(-1, logits.shape[-1])
+            counted = ((y != v.pad) & (states != State.DONE)).reshape(-1)
+            ce = F.cross_entropy(logits, y.reshape(-1), reduction="none")
+            loss = (ce + z * torch.logsumexp(logits, -1) ** 2)[counted].mean()
+        else:
+            loss = m(x, y).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (got, g_got), (want, g_want) = grads
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for n in g_want:
+        torch.testing.assert_close(g_got[n], g_want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_modality_scope_is_lower_than_full_at_init():
     m = build_model(CFG, seed=1)
     x, y = packed_batch(m.vocab, seed=3)
