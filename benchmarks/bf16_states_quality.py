@@ -13,7 +13,7 @@ transformer body (12 layers, d=768, 12 heads / 4 KV heads, FFN 2048) with the da
 vocabulary, registered for this benchmark's child processes only as preset
 "small-digits". Each variant trains in its own process (`python launch/train.py`'s
 code path, one CPU rank). Writes benchmarks/results/bf16_states_quality-<cpu|cuda>.json
-and a PNG of both loss curves (matplotlib, a benchmark-only dependency).
+and a PNG of both loss curves (megamm.media; `--out` chooses the JSON path).
 """
 from __future__ import annotations
 
@@ -59,21 +59,11 @@ def run_variant(name: str, ds_cfg: dict, a, tmp: Path) -> list[dict]:
 
 
 def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
+    from megamm.media import line_plot, write_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, recs in curves.items():
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (token mean, modality grammar)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_png(path, line_plot({name: [(r["step"], r["loss"]) for r in recs] for name, recs in curves.items()},
+                              title=title, xlabel="optimizer step", ylabel="training loss (modality grammar)",
+                              size=(720, 420)))
 
 
 def main(argv=None) -> int:
@@ -90,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/"
+                   "bf16_states_quality-<cpu|cuda>.json); the PNG goes next to it")
     a = p.parse_args(argv)
     ensure_default_dataset()  # built once, before the children race for it
     shipped = ds_config.load("zero3_offload.json")
@@ -118,7 +110,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", "benchmarks/bf16_states_quality.py", *(argv or sys.argv[1:])]),
     }
-    out = RESULTS / f"bf16_states_quality-{kind}.json"
+    out = a.out or RESULTS / f"bf16_states_quality-{kind}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(curves, out.with_suffix(".png"),
          f"{PRESET}, seq {a.seq_len} x micro-batch {a.micro_batch}, lr {a.lr}, seed {a.seed}, {kind}")

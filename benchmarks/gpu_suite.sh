@@ -15,6 +15,8 @@
 #   4. 1b throughput / TFLOP/s / MFU vs transformers.LlamaForCausalLM, zero2    (train_throughput.py)
 #   5. 8b, several steps under zero3_offload, capped at 48 GB with
 #      torch.cuda.set_per_process_memory_fraction, next to the estimator's prediction
+#   6. the training-quality cost of bf16 master weights + Adam states: `small`'s body on the
+#      embedded data, fp32 vs bf16 states, same seed (bf16_states_quality.py; JSON + PNG)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -54,5 +56,7 @@ cp "$res/gpu_suite-estimate_8b.log" "$res/estimate_memory-8b-zero3_offload.txt"
 step throughput_8b 480 python3 benchmarks/train_throughput.py --model 8b --ds_config zero3_offload.json --gpus 1 \
   --seq-len 4096 --micro-batch 1 --grad-accum 1 --steps 4 --warmup-steps 1 --impls megamm --loss-scope modality \
   --memory-fraction "$frac" --out "$res/train_throughput-cuda-8b-zero3_offload.json"
+step bf16_states 420 python3 benchmarks/bf16_states_quality.py --steps 150 --seq-len 512 --micro-batch 8 \
+  --lr 1e-3 --warmup 15 --out "$res/bf16_states_quality-cuda.json"
 echo "total seconds=$(( $(date +%s) - start )) (device $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))'))" \
   | tee -a "$status"
