@@ -136,6 +136,9 @@ def test_bad_input_is_one_line(moved_checkpoint, tmp_path):
     line = one_error_line(tool("evaluate.py", "--checkpoint", tmp_path / "nope", "--out", tmp_path / "r.json",
                                cache=c))
     assert "not found" in line
+    line = one_error_line(tool("evaluate.py", "--checkpoint", moved_checkpoint, "--out", tmp_path / "r.json",
+                               "--temperature", -1, cache=c))
+    assert "temperature" in line and not (tmp_path / "r.json").exists()
 
 
 def test_evaluate_writes_the_report_and_pictures(moved_checkpoint, quick_cache, tmp_path):
