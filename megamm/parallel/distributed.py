@@ -3,9 +3,11 @@ rank finds its peers (launcher variables, or none for a single process), which b
 to use, and the few collectives the loop needs outside the engine."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -46,11 +48,35 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
                                distributed_port=cluster.mpi_port(os.environ))
     device = torch.device(acc.device_name(acc.current_device()))
+    buffer = shm_buffer_path()
+    if buffer is not None and buffer.exists():
+        atexit.register(_unlink_quietly, buffer)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # ranks on one machine share its cores; oversubscribed threads crawl
         local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return device
+
+
+def shm_buffer_path() -> Path | None:
+    """The shared-memory file DeepSpeed's CPU allreduce op creates for this rank
+    (`/dev/shm/deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>`), or
+    None without a master address. DeepSpeed never unlinks it, so each CPU run would leave
+    ~70 MB of RAM per rank in /dev/shm until a reboot; init_distributed unlinks it at exit
+    (peers keep their mappings)."""
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and dist.is_initialized()):
+        return None
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def is_initialized() -> bool:

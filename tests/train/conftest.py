@@ -15,15 +15,20 @@ def free_port() -> int:
 
 
 def run_train(args, ranks=None, timeout=600) -> subprocess.CompletedProcess:
-    """launch/train.py with args: under `deepspeed --num_gpus ranks`, or plain python."""
+    """launch/train.py with args: under `deepspeed --num_gpus ranks`, or plain python.
+    The result's `master_port` is the launch's port (None without a launcher)."""
+    port = None
     if ranks is None:
         cmd = [sys.executable, "launch/train.py"]
     else:
+        port = free_port()
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), "launch/train.py"]
+               "--master_port", str(port), "launch/train.py"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run(cmd + [str(a) for a in args] + ["--no-progress"], cwd=ROOT, env=env,
+    proc = subprocess.run(cmd + [str(a) for a in args] + ["--no-progress"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+    proc.master_port = port
+    return proc
 
 
 def losses(save_dir) -> dict[int, dict]:

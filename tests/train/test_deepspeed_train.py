@@ -1,6 +1,7 @@
 """Real `deepspeed` launches on CPU (gloo): ZeRO-3 offload across 2 ranks, resume
 exactness, data-parallel layouts against the single process, loading the result."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +21,18 @@ def check(proc):
 def zero3_run(tmp_path_factory, tiny_data):
     """8 steps of tiny, ZeRO-3 with params + optimizer offloaded, bf16, 2 ranks; saves at 4 and 8."""
     save = tmp_path_factory.mktemp("zero3") / "run"
-    check(run_train(["--ds_config", "zero3_offload.json", "--data", tiny_data, *COMMON, "--micro-batch", 2,
-                     "--grad-accum", 2, "--lr", 5e-3, "--max-steps", 8, "--save-interval", 4,
-                     "--eval-interval", 4, "--eval-batches", 2, "--save-dir", save], ranks=2))
+    proc = check(run_train(["--ds_config", "zero3_offload.json", "--data", tiny_data, *COMMON, "--micro-batch", 2,
+                            "--grad-accum", 2, "--lr", 5e-3, "--max-steps", 8, "--save-interval", 4,
+                            "--eval-interval", 4, "--eval-batches", 2, "--save-dir", save], ranks=2))
+    (save.parent / "master_port").write_text(str(proc.master_port))
     return save
+
+
+def test_ranks_leave_no_shared_memory_behind(zero3_run):
+    """DeepSpeed's CPU allreduce op creates a ~70 MB /dev/shm file per rank and never
+    removes it; megamm.parallel.distributed unlinks each rank's at exit."""
+    port = (zero3_run.parent / "master_port").read_text()
+    assert not sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_zero3_offload_two_ranks_trains_with_falling_loss(zero3_run):
