@@ -12,13 +12,6 @@ vocabulary-parallel tensor parallelism (each rank holds a contiguous row range, 
 is the tensor-parallel group): the row max, the sum of exponentials and the target
 logit are all-reduced over the group, so no rank ever holds full-vocabulary logits.
 The backward is local: d ce / d logits = softmax - onehot on the rank's own columns.
-
-When one process holds the whole table (no group), the modality scope takes a shorter
-road to the same numbers: the positions of each grammar state multiply only that
-state's allowed rows (an image position 256 of them, an audio position 256 or 257, a
-text position 513) and run torch's fused cross-entropy over them, so no [N, V] logits,
-bias or exponentials are ever built. The full scope likewise uses the fused
-cross-entropy over all rows.
 """
 from __future__ import annotations
 
@@ -83,13 +76,6 @@ class GrammarTables:
                                 self.vocab.modality_table().to(device))
         return self._cache[key]
 
-    def columns(self, device) -> torch.Tensor:
-        """[n_states, V] int64: each id's column among its state's allowed ids, -1 if forbidden."""
-        key = f"columns:{device}"
-        if key not in self._cache:
-            self._cache[key] = self.vocab.column_table().to(device)
-        return self._cache[key]
-
 
 def grammar_loss(h, weight, vocab_start: int, states, targets, tables: GrammarTables,
                  loss_scope: str = "modality", z_loss: float = 0.0, group=None):
@@ -106,10 +92,15 @@ def grammar_loss(h, weight, vocab_start: int, states, targets, tables: GrammarTa
     vs = weight.shape[0]
     grammar = loss_scope == "modality"
     counted = tables.vocab.counted_targets(states, targets, grammar, allowed)
-    if group is None and vocab_start == 0 and vs == tables.vocab.size:
-        ce, lse = _whole_table_ce(h, weight, states, targets, counted, tables, grammar, z_loss > 0)
-    else:
-        ce, lse = _sharded_ce(h, weight, vocab_start, states, targets, allowed, grammar, group)
+    bias = None
+    if grammar:
+        shard_allowed = allowed[:, vocab_start: vocab_start + vs]  # [n_states, Vs]
+        bias = torch.zeros(shard_allowed.shape, device=h.device).masked_fill_(~shard_allowed, float("-inf"))
+        bias = bias[states]  # [N,Vs]
+    local = targets - vocab_start
+    target_col = torch.where((local >= 0) & (local < vs), local, torch.full_like(local, -1))
+    logits = F.linear(h, weight).float()  # [N,Vs]
+    ce, lse = _ShardedCrossEntropy.apply(logits, bias, target_col, group)
     w = counted.float()
     loss_sum = (ce * w).sum()
     if z_loss > 0:
@@ -119,41 +110,3 @@ def grammar_loss(h, weight, vocab_start: int, states, targets, tables: GrammarTa
     msum = torch.zeros(n_mod, device=h.device).index_add(0, mod, (ce * w).detach())
     mcount = torch.zeros(n_mod, device=h.device).index_add(0, mod, w)
     return loss_sum, torch.cat([msum, mcount])
-
-
-def _sharded_ce(h, weight, vocab_start, states, targets, allowed, grammar, group):
-    """(ce [N], lse [N]) with the rows [vocab_start, +Vs) held here (see the module doc)."""
-    vs = weight.shape[0]
-    bias = None
-    if grammar:
-        shard_allowed = allowed[:, vocab_start: vocab_start + vs]  # [n_states, Vs]
-        bias = torch.zeros(shard_allowed.shape, device=h.device).masked_fill_(~shard_allowed, float("-inf"))
-        bias = bias[states]  # [N,Vs]
-    local = targets - vocab_start
-    target_col = torch.where((local >= 0) & (local < vs), local, torch.full_like(local, -1))
-    logits = F.linear(h, weight).float()  # [N,Vs]
-    return _ShardedCrossEntropy.apply(logits, bias, target_col, group)
-
-
-def _whole_table_ce(h, weight, states, targets, counted, tables: GrammarTables, grammar: bool, need_lse: bool):
-    """(ce [N], lse [N] or None) when `weight` is the whole table. Only counted positions
-    are computed (the others are zero: their weight in the loss is zero anyway)."""
-    n = h.shape[0]
-    if not grammar:
-        logits = F.linear(h, weight).float()
-        ce = F.cross_entropy(logits, targets, reduction="none")
-        return ce, (torch.logsumexp(logits, -1) if need_lse else None)
-    columns = tables.columns(h.device)
-    vocab = tables.vocab
-    ce = torch.zeros(n, device=h.device)
-    lse = torch.zeros(n, device=h.device) if need_lse else None
-    for s in torch.unique(states[counted]).tolist():
-        idx = torch.nonzero(counted & (states == s)).flatten()
-        ranges = vocab.allowed_ranges(s)
-        rows = weight[ranges[0][0]:ranges[0][1]] if len(ranges) == 1 else \
-            torch.cat([weight[lo:hi] for lo, hi in ranges])
-        logits = F.linear(h[idx], rows).float()
-        ce = ce.index_put((idx,), F.cross_entropy(logits, columns[s, targets[idx]], reduction="none"))
-        if need_lse:
-            lse = lse.index_put((idx,), torch.logsumexp(logits, -1))
-    return ce, lse
