@@ -49,7 +49,7 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
                                distributed_port=cluster.mpi_port(os.environ))
     device = torch.device(acc.device_name(acc.current_device()))
     buffer = shm_buffer_path()
-    if buffer is not None and buffer.exists():
+    if buffer is not None:  # the op may create it after this point: unlink whatever is there at exit
         atexit.register(_unlink_quietly, buffer)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # ranks on one machine share its cores; oversubscribed threads crawl
