@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,12 +46,11 @@ def main(argv=None) -> int:
     if args.examples < 1 or args.loss_examples < 0:
         print(f"evaluate: error: --examples must be >= 1 and --loss-examples >= 0", file=sys.stderr)
         return 2
+    overrides = {"seed": args.seed, **({} if args.cfg is None else {"cfg_scale": args.cfg}),
+                 **({} if args.temperature is None else {"temperature": args.temperature})}
     base = EvalSettings()
     try:
-        image, audio = (Sampling(**{**s.__dict__, "seed": args.seed,
-                                    **({} if args.cfg is None else {"cfg_scale": args.cfg}),
-                                    **({} if args.temperature is None else {"temperature": args.temperature})})
-                        for s in (base.image_sampling, base.audio_sampling))
+        image, audio = (replace(s, **overrides) for s in (base.image_sampling, base.audio_sampling))
     except ValueError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2

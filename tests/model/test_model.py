@@ -67,8 +67,8 @@ def test_loss_equals_masked_cross_entropy_of_the_logits(scope):
 
 @pytest.mark.parametrize("scope,z", [("modality", 0.0), ("modality", 1e-2), ("full", 1e-2)])
 def test_loss_gradients_equal_those_of_the_masked_cross_entropy(scope, z):
-    """The one-process loss (each grammar state's positions against only its allowed
-    rows) has the loss and gradients of the dense masked softmax, z-loss included."""
+    """The head's loss and every parameter's gradient equal those of the dense masked
+    softmax over the full logits, z-loss included."""
     x, y = packed_batch(Vocab(VOCAB), seed=4)
     grads = []
     for dense in (False, True):
