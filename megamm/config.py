@@ -57,6 +57,9 @@ class VocabConfig:
                 + self.audio_codebooks * self.audio_codebook_size)
 
 
+LOSS_SCOPES = ("modality", "full", "target")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and behaviour of the unified decoder-only transformer."""
@@ -74,7 +77,9 @@ class ModelConfig:
     vocab: VocabConfig = field(default_factory=VocabConfig)
     tie_embeddings: bool = False
     loss_scope: str = "modality"
-    """"modality": softmax over the ids the grammar allows next; "full": over all ids."""
+    """"modality": softmax over the ids the grammar allows next; "full": over all ids;
+    "target": as "modality", counting only the targets of each document's last segment
+    (the output of a caption->image or speech->caption document, not its prompt)."""
     z_loss: float = 0.0
     """Coefficient of the z-loss (logsumexp^2) that keeps output logits small; 0 = off."""
     activation_checkpointing: bool = False
@@ -100,8 +105,8 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.loss_scope not in ("modality", "full"):
-            raise ConfigError(f"loss_scope must be 'modality' or 'full', got {self.loss_scope!r}")
+        if self.loss_scope not in LOSS_SCOPES:
+            raise ConfigError(f"loss_scope must be one of {', '.join(LOSS_SCOPES)}, got {self.loss_scope!r}")
         if self.attention not in ("auto", "sdpa", "flash"):
             raise ConfigError(f"attention must be auto|sdpa|flash, got {self.attention!r}")
         if self.kernels not in ("auto", "triton", "torch"):

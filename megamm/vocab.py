@@ -231,6 +231,30 @@ class Vocab:
         state = torch.where(marker == self.boa, audio_state, state)
         return torch.where(has_marker, state, int(State.UNKNOWN))
 
+    def prompt_targets(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`ids`, `targets` `[B, S]` (targets = ids shifted by one) -> bool `[B, S]`: whether
+        each target belongs to a prompt, i.e. to a segment of its document that another
+        segment follows (the caption of a caption->image document, the image of an
+        image->caption one), including the first segment's opening marker. A document's
+        last segment and its `<eos>` are not prompt. Each row is read on its own: a
+        document cut off by the row's end counts its last visible segment as final."""
+        full = torch.cat([ids[:, :1], targets], dim=1)  # the row's tokens, [B, S+1]
+        starts = (full == self.bot) | (full == self.boi) | (full == self.boa)
+        seen = starts.long().cumsum(1)  # segment starts up to and including each token
+        doc = (full == self.bos).long().cumsum(1)
+        # one id per (row, document); `last`: the segment starts its document holds in all
+        key = (doc + torch.arange(doc.shape[0], device=doc.device)[:, None] * (doc.shape[1] + 1)).reshape(-1)
+        last = torch.zeros(int(key.max()) + 1, dtype=torch.long, device=full.device)
+        last = last.scatter_reduce(0, key, seen.reshape(-1), "amax")[key].view_as(seen)
+        return ((seen < last) & (full != self.bos))[:, 1:]
+
+    def loss_targets(self, ids: torch.Tensor, targets: torch.Tensor, loss_scope: str) -> torch.Tensor:
+        """The targets a loss of `loss_scope` sees: under "target", prompt targets
+        (`prompt_targets`) become <pad>, which no loss counts; otherwise `targets`."""
+        if loss_scope != "target":
+            return targets
+        return torch.where(self.prompt_targets(ids, targets), torch.full_like(targets, self.pad), targets)
+
     def column_table(self) -> torch.Tensor:
         """`[n_states, size]` int64: column of each id inside its state's allowed list, -1 if
         the id is not allowed there. Turns a target id into a class index for the loss."""

@@ -94,3 +94,37 @@ def test_a_row_that_starts_mid_document_is_unknown_until_a_marker(v):
     doc = _doc(v)
     st = v.states(torch.tensor(doc[2:]))
     assert st[0] == State.UNKNOWN and st[2] == State.OUTSIDE  # doc[4] is <eot>
+
+
+def test_prompt_targets_are_every_segment_but_a_documents_last(v):
+    """Built token by token with the expected flag of each: a two-segment document, a
+    one-segment one, a three-segment one, then a document the row's end cuts off."""
+    text, image = v.text_segment([3, 4]), v.image_segment([1, 2, 3, 4])
+    audio = v.audio_segment(np.arange(6).reshape(2, 3) % 8)
+    tokens, prompt = [], []
+
+    def doc(segments, cut=None):
+        tokens.append(v.bos)
+        prompt.append(False)  # <bos> itself is never a target a loss counts
+        for n, seg in enumerate(segments):
+            tokens.extend(seg)
+            prompt.extend([n < len(segments) - 1] * len(seg))
+        tokens.append(v.eos)
+        prompt.append(False)
+
+    doc([text, image])
+    doc([image])
+    doc([audio, text, image])
+    doc([image, text])
+    cut = len(tokens) - len(text) - 1  # the row ends before the last document's caption
+    tokens, prompt = tokens[:cut], prompt[:cut]
+    prompt[-len(image):] = [False] * len(image)  # ...so its image is the last segment seen
+    row = torch.tensor([tokens])
+    got = v.prompt_targets(row[:, :-1], row[:, 1:])[0].tolist()
+    assert got == prompt[1:]
+    # rows are read on their own: the same row twice, and with the cut document completed
+    two = torch.tensor([tokens, tokens])
+    assert v.prompt_targets(two[:, :-1], two[:, 1:]).tolist() == [prompt[1:]] * 2
+    assert v.loss_targets(row[:, :-1], row[:, 1:], "modality").equal(row[:, 1:])
+    masked = v.loss_targets(row[:, :-1], row[:, 1:], "target")[0]
+    assert masked.tolist() == [v.pad if p else t for t, p in zip(tokens[1:], prompt[1:])]

@@ -90,7 +90,7 @@ def grammar_loss(h, weight, vocab_start: int, states, targets, tables: GrammarTa
     h, states, targets = h.reshape(-1, h.shape[-1]), states.reshape(-1), targets.reshape(-1)
     allowed, modality_of_id = tables.get(h.device)
     vs = weight.shape[0]
-    grammar = loss_scope == "modality"
+    grammar = loss_scope != "full"  # "target" has dropped its prompt targets already
     counted = tables.vocab.counted_targets(states, targets, grammar, allowed)
     bias = None
     if grammar:

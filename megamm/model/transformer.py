@@ -51,6 +51,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.head(h)
+        targets = self.vocab.loss_targets(ids, targets, self.config.loss_scope)
         return LossOutput.from_head(*self.head(h, self.vocab.states(ids), targets))
 
 

@@ -53,6 +53,7 @@ class EmbeddingStage(nn.Module):
     def forward(self, inputs):
         ids, targets = inputs
         positions, doc_ids = document_positions(ids, self.vocab.bos)
+        targets = self.vocab.loss_targets(ids, targets, self.embed.cfg.loss_scope)
         return self.embed(ids), positions, doc_ids, self.vocab.states(ids), targets
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from megamm.config import PRESETS, ConfigError
+from megamm.config import LOSS_SCOPES, PRESETS, ConfigError
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,9 @@ def parser() -> argparse.ArgumentParser:
     a("--no-final-eval", dest="final_eval", action="store_const", const=False)
     a("--dry-run", action="store_true", help="build on the meta device, print the size and layout, exit")
     a("--precision", choices=["bf16", "fp16", "fp32"], help="overrides the config's mixed precision")
-    a("--loss-scope", choices=["modality", "full"])
+    a("--loss-scope", choices=list(LOSS_SCOPES),
+      help="modality: softmax over the ids the grammar allows (default); full: over every id; target: as "
+           "modality, learning only each document's output segment, not its prompt")
     a("--z-loss", type=float)
     a("--activation-checkpointing", dest="activation_checkpointing", action="store_const", const=True)
     a("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const", const=False)

@@ -57,6 +57,7 @@ class Trainer:
     vocab: Vocab
     device: torch.device
     grammar: bool
+    loss_scope: str
     tables: GrammarTables
     guard: BadStepGuard
     pipeline_loss: object | None = None  # PipelineLoss when pp > 1
@@ -72,7 +73,8 @@ class Trainer:
     def _global_count(self, batches) -> float:
         """Counted target tokens of the global batch (every micro-batch of every replica)."""
         allowed = self.tables.get("cpu")[0]
-        n = sum(float(self.vocab.counted_targets(self.vocab.states(x), y, self.grammar, allowed).sum())
+        n = sum(float(self.vocab.counted_targets(self.vocab.states(x), self.vocab.loss_targets(x, y, self.loss_scope),
+                                                 self.grammar, allowed).sum())
                 for x, y in batches)
         t = torch.tensor([n], dtype=torch.float64, device=self.device)
         return float(all_reduce_sum(t, self.groups.dp_group).cpu())
@@ -175,5 +177,6 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
                                                mpu=groups, lr_scheduler=scheduler)
     vocab = Vocab(cfg.vocab)
-    return Trainer(engine=engine, groups=groups, vocab=vocab, device=device, grammar=cfg.loss_scope == "modality",
+    return Trainer(engine=engine, groups=groups, vocab=vocab, device=device, grammar=cfg.loss_scope != "full",
+                   loss_scope=cfg.loss_scope,
                    tables=GrammarTables(vocab), guard=guard or BadStepGuard(), pipeline_loss=pipeline_loss)

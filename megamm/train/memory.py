@@ -312,7 +312,7 @@ def _logits(add, cfg, layout, B, S, a):
     grammar, the whole padded vocabulary under loss_scope "full"."""
     v = cfg.vocab
     width = (max(v.text_size + 1, v.image_codes, v.audio_codebook_size + 1)
-             if cfg.loss_scope == "modality" else _shapes(cfg).vocab_rows)
+             if cfg.loss_scope != "full" else _shapes(cfg).vocab_rows)
     width = math.ceil(width / layout.tp)
     add("logits and loss", "gpu", B * S * width * (2 * a + 2 * 4),
         f"{width:,} columns: {a}-byte + fp32 logits and their grads")

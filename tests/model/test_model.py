@@ -49,15 +49,17 @@ def reference_losses(m: Transformer, x, y, scope):
     v = m.vocab
     logits = m(x).float()
     states = v.states(x)
-    if scope == "modality":
+    if scope != "full":
         allowed = torch.stack([v.allowed_mask(s) for s in range(v.n_states)])[states]
         logits = logits.masked_fill(~allowed, float("-inf"))
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-    counted = ((y != v.pad) & (states != State.DONE)).reshape(-1)
-    return ce[counted].mean()
+    counted = (y != v.pad) & (states != State.DONE)
+    if scope == "target":
+        counted &= ~v.prompt_targets(x, y)
+    return ce[counted.reshape(-1)].mean()
 
 
-@pytest.mark.parametrize("scope", ["modality", "full"])
+@pytest.mark.parametrize("scope", ["modality", "full", "target"])
 def test_loss_equals_masked_cross_entropy_of_the_logits(scope):
     m = build_model(CFG.replace(loss_scope=scope), seed=1)
     x, y = packed_batch(m.vocab, seed=3)
@@ -65,7 +67,7 @@ def test_loss_equals_masked_cross_entropy_of_the_logits(scope):
     torch.testing.assert_close(got, reference_losses(m, x, y, scope), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scope,z", [("modality", 0.0), ("modality", 1e-2), ("full", 1e-2)])
+@pytest.mark.parametrize("scope,z", [("modality", 0.0), ("modality", 1e-2), ("full", 1e-2), ("target", 1e-2)])
 def test_loss_gradients_equal_those_of_the_masked_cross_entropy(scope, z):
     """The head's loss and every parameter's gradient equal those of the dense masked
     softmax over the full logits, z-loss included."""
@@ -77,10 +79,13 @@ def test_loss_gradients_equal_those_of_the_masked_cross_entropy(scope, z):
             v = m.vocab
             logits = m(x).float()
             states = v.states(x)
-            if scope == "modality":
+            if scope != "full":
                 logits = logits.masked_fill(~v.allowed_table()[states], float("-inf"))
             logits = logits.reshape(-1, logits.shape[-1])
-            counted = ((y != v.pad) & (states != State.DONE)).reshape(-1)
+            counted = (y != v.pad) & (states != State.DONE)
+            if scope == "target":
+                counted &= ~v.prompt_targets(x, y)
+            counted = counted.reshape(-1)
             ce = F.cross_entropy(logits, y.reshape(-1), reduction="none")
             loss = (ce + z * torch.logsumexp(logits, -1) ** 2)[counted].mean()
         else:
@@ -91,6 +96,37 @@ def test_loss_gradients_equal_those_of_the_masked_cross_entropy(scope, z):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for n in g_want:
         torch.testing.assert_close(g_got[n], g_want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_target_scope_counts_only_the_output_segments():
+    """Same per-token losses as the modality scope, fewer of them: none of a prompt."""
+    x, y = packed_batch(Vocab(VOCAB), seed=3)
+    mod = build_model(CFG, seed=1)(x, y)
+    tgt = build_model(CFG.replace(loss_scope="target"), seed=1)(x, y)
+    n_prompt = int((Vocab(VOCAB).prompt_targets(x, y) & (y != Vocab(VOCAB).pad)).sum())
+    assert n_prompt > 0
+    assert tgt.modality_count.sum() < mod.modality_count.sum()
+    assert mod.modality_count.sum() - tgt.modality_count.sum() <= n_prompt
+
+
+def test_pipeline_stages_chained_give_the_plain_models_loss():
+    """The stages deepspeed.pipe runs, chained in one process, under every loss scope:
+    the embedding stage applies the scope's targets as the plain model does."""
+    from megamm.parallel.pipeline import BlockStage, EmbeddingStage, HeadStage, NormStage
+
+    x, y = packed_batch(Vocab(VOCAB), seed=5)
+    for scope in ("modality", "full", "target"):
+        cfg = CFG.replace(loss_scope=scope)
+        stages = [EmbeddingStage(cfg, None, "cpu", 7), *(BlockStage(cfg, i, None, "cpu", 7) for i in range(cfg.n_layers)),
+                  NormStage(cfg, None, "cpu", 7), HeadStage(cfg, None, "cpu", 7)]
+        acts = (x, y)
+        for stage in stages:
+            acts = stage(acts)
+        loss_sum, stats = acts
+        want = build_model(cfg, seed=7)(x, y)
+        torch.testing.assert_close(loss_sum, want.loss_sum, rtol=1e-5, atol=1e-5, msg=scope)
+        torch.testing.assert_close(stats, torch.cat([want.modality_sum, want.modality_count]), rtol=1e-5,
+                                   atol=1e-5, msg=scope)
 
 
 def test_modality_scope_is_lower_than_full_at_init():

@@ -29,7 +29,7 @@ def batch(seed=0):
     return packed_batch(Vocab(VOCAB), rows=2, length=41, seed=seed)
 
 
-VARIANTS = [("modality", False), ("full", False), ("modality", True)]  # (loss_scope, sequence parallel)
+VARIANTS = [("modality", False), ("full", False), ("modality", True), ("target", True)]  # (loss_scope, sequence parallel)
 
 
 def _tp_runs(rank, world):
