@@ -103,7 +103,7 @@ def test_prompt_targets_are_every_segment_but_a_documents_last(v):
     audio = v.audio_segment(np.arange(6).reshape(2, 3) % 8)
     tokens, prompt = [], []
 
-    def doc(segments, cut=None):
+    def doc(segments):
         tokens.append(v.bos)
         prompt.append(False)  # <bos> itself is never a target a loss counts
         for n, seg in enumerate(segments):
@@ -122,7 +122,7 @@ def test_prompt_targets_are_every_segment_but_a_documents_last(v):
     row = torch.tensor([tokens])
     got = v.prompt_targets(row[:, :-1], row[:, 1:])[0].tolist()
     assert got == prompt[1:]
-    # rows are read on their own: the same row twice, and with the cut document completed
+    # rows are read on their own: the same row twice gives the same flags twice
     two = torch.tensor([tokens, tokens])
     assert v.prompt_targets(two[:, :-1], two[:, 1:]).tolist() == [prompt[1:]] * 2
     assert v.loss_targets(row[:, :-1], row[:, 1:], "modality").equal(row[:, 1:])

@@ -56,7 +56,6 @@ class Trainer:
     groups: ParallelGroups
     vocab: Vocab
     device: torch.device
-    grammar: bool
     loss_scope: str
     tables: GrammarTables
     guard: BadStepGuard
@@ -65,6 +64,11 @@ class Trainer:
     @property
     def topo(self) -> Topology:
         return self.groups.topo
+
+    @property
+    def grammar(self) -> bool:
+        """Whether the loss counts only grammar-allowed targets (every scope but "full")."""
+        return self.loss_scope != "full"
 
     @property
     def gas(self) -> int:
@@ -177,6 +181,5 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
                                                mpu=groups, lr_scheduler=scheduler)
     vocab = Vocab(cfg.vocab)
-    return Trainer(engine=engine, groups=groups, vocab=vocab, device=device, grammar=cfg.loss_scope != "full",
-                   loss_scope=cfg.loss_scope,
+    return Trainer(engine=engine, groups=groups, vocab=vocab, device=device, loss_scope=cfg.loss_scope,
                    tables=GrammarTables(vocab), guard=guard or BadStepGuard(), pipeline_loss=pipeline_loss)

@@ -100,10 +100,11 @@ def test_loss_gradients_equal_those_of_the_masked_cross_entropy(scope, z):
 
 def test_target_scope_counts_only_the_output_segments():
     """Same per-token losses as the modality scope, fewer of them: none of a prompt."""
-    x, y = packed_batch(Vocab(VOCAB), seed=3)
+    v = Vocab(VOCAB)
+    x, y = packed_batch(v, seed=3)
     mod = build_model(CFG, seed=1)(x, y)
     tgt = build_model(CFG.replace(loss_scope="target"), seed=1)(x, y)
-    n_prompt = int((Vocab(VOCAB).prompt_targets(x, y) & (y != Vocab(VOCAB).pad)).sum())
+    n_prompt = int((v.prompt_targets(x, y) & (y != v.pad)).sum())
     assert n_prompt > 0
     assert tgt.modality_count.sum() < mod.modality_count.sum()
     assert mod.modality_count.sum() - tgt.modality_count.sum() <= n_prompt
