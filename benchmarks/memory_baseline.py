@@ -5,7 +5,8 @@ for two steps under a DeepSpeed config (so DeepSpeed's C++ Adam op is loaded).
 
     python benchmarks/memory_baseline.py [--ds_config zero3_offload.json] [--out FILE]
 
-Each config runs in a fresh child process; its peak RSS comes from os.wait4's rusage.
+Each config runs in a fresh child process, which reports its own peak RSS (VmHWM, see
+megamm.train.memory.peak_rss_bytes; getrusage or os.wait4 would also count this parent's peak).
 Writes benchmarks/results/memory_baseline-<cpu|cuda>.json.
 """
 from __future__ import annotations
@@ -35,17 +36,17 @@ x = torch.ones(1, 1, device=engine.device, dtype=next(engine.parameters()).dtype
 for _ in range(2):
     engine.backward(engine(x).float().sum())
     engine.step()
+from megamm.train.memory import peak_rss_bytes
+print("PEAK_RSS_BYTES", peak_rss_bytes())
 """
 
 
 def peak_rss(cmd: list[str], env: dict) -> int:
-    """Run cmd to completion; its peak resident set in bytes (Linux ru_maxrss is KiB)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    """Run cmd to completion; the peak resident set in bytes it reports (its PEAK_RSS_BYTES line)."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss * 1024
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_BYTES")))
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -92,6 +91,7 @@ def run_one(a) -> int:
     if a.memory_fraction and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(a.memory_fraction)
     from megamm.train import ds_config, loop
+    from megamm.train.memory import peak_rss_bytes
     from megamm.train.metrics import flops_per_token, peak_flops
 
     args = _train_args(a, a.loss_scope_run)
@@ -120,7 +120,7 @@ def run_one(a) -> int:
         "tokens_per_s": tok_s, "step_time_s": statistics.median(r["step_time_s"] for r in timed),
         "tflops": flops / 1e12, "mfu": flops / (peak * world) if peak else None,
         "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-        "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "peak_host_rss_gb": peak_rss_bytes() / 1e9,
         "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
         "losses": [r["loss"] for r in records],
     }

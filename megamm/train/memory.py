@@ -60,6 +60,26 @@ PLACES = ("gpu", "host", "nvme")
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set in bytes: VmHWM of /proc/self/status, the
+    high-water mark of this address space only. Not getrusage's ru_maxrss: Linux carries the
+    peak of the address space a process replaced at exec into it, so a child that a large
+    process spawns (vfork + exec, as subprocess does) reports at least its parent's peak.
+    Off Linux, ru_maxrss is the fallback (bytes on macOS, KiB elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 class LayoutError(ConfigError):
     """A parallel layout that cannot run (one line naming the culprit)."""
 
