@@ -81,3 +81,21 @@ def heldout():
     from megamm.data.digits import make_split
 
     return make_split("val", colourings=1, seed=0)
+
+
+# ---- DeepSpeed's NVMe op, compiled in the background (tests/ds_ops.py) ----------------
+_ds_ops_build = []
+
+
+def pytest_collection_finish(session):
+    """Start the build when the selected tests (after -k/deselection) include an NVMe one."""
+    if any("nvme" in item.nodeid for item in session.items) and not _ds_ops_build:
+        from ds_ops import start_background_build
+
+        _ds_ops_build.append(start_background_build())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for proc in _ds_ops_build:  # never leave it orphaned mid-build, never kill it (see ds_ops.py)
+        proc.wait()
+

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 from conftest import ROOT
+from ds_ops import ensure_libaio
 
 from megamm.config import get_preset
 from megamm.data.synthetic import write_synthetic_dataset
@@ -32,15 +33,6 @@ RUN_AND_REPORT_RSS = (
     "runpy.run_path('launch/train.py', run_name='__main__')\n")
 CONFIGS = sorted(p.name for p in ds_config.DS_CONFIG_DIR.glob("*.json"))
 MEASURED = [(m, c) for m in ("tiny", "small") for c in ("zero3_offload.json", "zero2.json", "zero1.json")]
-
-
-def ensure_libaio() -> None:
-    """DeepSpeed's NVMe swapper compiles its async_io op against libaio: install Debian's
-    libaio-dev when missing (CI runs as root on Debian, as the launch tests assume)."""
-    if not os.path.exists("/usr/include/libaio.h"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-q", "libaio-dev"], check=True, capture_output=True, env=env)
 
 
 class Runs:
