@@ -23,9 +23,12 @@ def ensure_libaio() -> None:
 
 
 def start_background_build() -> subprocess.Popen:
-    """`python tests/ds_ops.py` at the lowest CPU priority, in its own session (so a Ctrl-C
-    of pytest does not interrupt the compiler), output discarded."""
+    """`python tests/ds_ops.py` at the lowest CPU priority and one compiler at a time
+    (MAX_JOBS=1: on two cores, parallel niced compilers were seen to slow the foreground's
+    own op builds), in its own session (so a Ctrl-C of pytest does not interrupt the
+    compiler), output discarded."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
+    env["MAX_JOBS"] = "1"
     return subprocess.Popen([sys.executable, __file__], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=lambda: os.nice(19))
 
