@@ -3,7 +3,7 @@ ds_configs/zero3_offload_nvme.json.
 
 Compiling async_io takes ~10 CPU-minutes (ten translation units, each parsing torch's
 headers). tests/conftest.py starts `python tests/ds_ops.py` at nice 19 as soon as that test
-is collected, so the build soaks up the CPU the rest of the suite leaves idle (about a
+is selected, so the build soaks up the CPU the rest of the suite leaves idle (about a
 third of two cores) instead of stalling the test itself; the test's own launch then loads
 the cached op, or waits on torch's build lock for a build still in progress. The process is
 never killed: an interrupted build would leave that lock behind and hang the next launch.

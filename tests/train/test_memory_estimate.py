@@ -4,8 +4,7 @@ On CPU the accelerator's memory is host memory, so the estimator's GPU + host to
 be within 10% of the measured peak RSS of a one-rank `python launch/train.py` run: the
 training process's own peak (VmHWM, megamm.train.memory.peak_rss_bytes, at its exit). Not
 getrusage's ru_maxrss: a child inherits the peak of the process that spawned it, here
-pytest's, which after the rest of the suite is larger than a tiny run (CI once failed on
-exactly that). Nor os.wait4's rusage, which would count the compiler DeepSpeed may start to
+pytest's, which after the rest of the suite is larger than a tiny run. Nor os.wait4's rusage, which would count the compiler DeepSpeed may start to
 build an op. Each launch is shared between the tests that need it: the tiny runs under
 zero1/zero2/zero3_offload also prove those configs train.
 """
