@@ -23,11 +23,16 @@ from megamm.train import ds_config
 from megamm.train.memory import Layout, estimate
 
 SEQ, STEPS = 32, 2
-# runs launch/train.py and, at exit, writes this process's own peak RSS (bytes) to $MEGAMM_TEST_RSS
+# runs launch/train.py and, at exit, writes this process's own peak RSS (bytes) to $MEGAMM_TEST_RSS,
+# then, for a failure message, the anonymous/file/shared split of its RSS at exit and its threads
 RUN_AND_REPORT_RSS = (
     "import atexit, os, runpy, sys\n"
     "from megamm.train.memory import peak_rss_bytes\n"
-    "atexit.register(lambda: open(os.environ['MEGAMM_TEST_RSS'], 'w').write(str(peak_rss_bytes())))\n"
+    "def report():\n"
+    "    keep = ('RssAnon', 'RssFile', 'RssShmem', 'Threads')\n"
+    "    lines = [l for l in open('/proc/self/status') if l.split(':')[0] in keep]\n"
+    "    open(os.environ['MEGAMM_TEST_RSS'], 'w').write(f'{peak_rss_bytes()}\\n' + ''.join(lines))\n"
+    "atexit.register(report)\n"
     "sys.argv = ['launch/train.py', *sys.argv[1:]]\n"
     "runpy.run_path('launch/train.py', run_name='__main__')\n")
 CONFIGS = sorted(p.name for p in ds_config.DS_CONFIG_DIR.glob("*.json"))
@@ -35,7 +40,8 @@ MEASURED = [(m, c) for m in ("tiny", "small") for c in ("zero3_offload.json", "z
 
 
 class Runs:
-    """`launch/train.py` runs keyed by (preset, config), each made once: (proc, peak RSS bytes)."""
+    """`launch/train.py` runs keyed by (preset, config), each made once:
+    (exit code, log, peak RSS bytes, "RssAnon: .. kB RssFile: .." at exit)."""
 
     def __init__(self, tmp, tiny_data):
         self.tmp, self.data, self.done = tmp, {"tiny": tiny_data}, {}
@@ -70,8 +76,8 @@ class Runs:
             env["MEGAMM_TEST_RSS"] = str(rss)
             with open(log, "w") as out:
                 code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-            peak = int(rss.read_text()) if rss.exists() else 0
-            self.done[model, config] = (code, log.read_text(), peak)
+            peak, *at_exit = rss.read_text().splitlines() if rss.exists() else ["0"]
+            self.done[model, config] = (code, log.read_text(), int(peak), " ".join(" ".join(at_exit).split()))
         return self.done[model, config]
 
 
@@ -82,14 +88,14 @@ def runs(tmp_path_factory, tiny_data):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_bundled_config_trains_tiny(runs, config):
-    code, log, _ = runs.get("tiny", config)
+    code, log, *_ = runs.get("tiny", config)
     assert code == 0, log[-4000:]
     assert f"done: step {STEPS} loss" in log
 
 
 @pytest.mark.parametrize("model,config", MEASURED)
 def test_estimate_is_within_10_percent_of_measured_peak_rss(runs, model, config):
-    code, log, rss = runs.get(model, config)
+    code, log, rss, at_exit = runs.get(model, config)
     assert code == 0, log[-4000:]
     ds_cfg = ds_config.apply_overrides(ds_config.load(config), micro_batch=1, grad_accum=1)
     cfg = get_preset(model)
@@ -99,7 +105,8 @@ def test_estimate_is_within_10_percent_of_measured_peak_rss(runs, model, config)
     predicted = est.total("gpu") + est.total("host")
     print(f"{model} {config}: predicted {predicted / 1e9:.3f} GB, measured {rss / 1e9:.3f} GB")
     assert predicted == pytest.approx(rss, rel=0.10), f"{model} {config}: predicted {predicted / 1e9:.3f} GB, " \
-                                                      f"measured {rss / 1e9:.3f} GB\n{est.report()}"
+                                                      f"measured {rss / 1e9:.3f} GB (at exit: {at_exit})\n" \
+                                                      f"{est.report()}"
 
 
 def test_the_tool_prints_the_breakdown_and_the_two_final_lines():
