@@ -88,7 +88,10 @@ _ds_ops_build = []
 
 
 def pytest_collection_finish(session):
-    """Start the build when the selected tests (after -k/deselection) include an NVMe one."""
+    """Start the build when the selected tests (after -k/deselection) include an NVMe one
+    that will run (not under --collect-only)."""
+    if session.config.option.collectonly:
+        return
     if any("nvme" in item.nodeid for item in session.items) and not _ds_ops_build:
         from ds_ops import start_background_build
 
