@@ -4,9 +4,10 @@ On CPU the accelerator's memory is host memory, so the estimator's GPU + host to
 be within 10% of the measured peak RSS of a one-rank `python launch/train.py` run: the
 training process's own peak (VmHWM, megamm.train.memory.peak_rss_bytes, at its exit). Not
 getrusage's ru_maxrss: a child inherits the peak of the process that spawned it, here
-pytest's, which after the rest of the suite is larger than a tiny run. Nor os.wait4's rusage, which would count the compiler DeepSpeed may start to
-build an op. Each launch is shared between the tests that need it: the tiny runs under
-zero1/zero2/zero3_offload also prove those configs train.
+pytest's, which after the rest of the suite is larger than a tiny run. Nor os.wait4's
+rusage, which would count the compiler DeepSpeed may start to build an op. Each launch is
+shared between the tests that need it: the tiny runs under zero1/zero2/zero3_offload also
+prove those configs train.
 """
 import json
 import os
@@ -76,8 +77,8 @@ class Runs:
             env["MEGAMM_TEST_RSS"] = str(rss)
             with open(log, "w") as out:
                 code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-            peak, *at_exit = rss.read_text().splitlines() if rss.exists() else ["0"]
-            self.done[model, config] = (code, log.read_text(), int(peak), " ".join(" ".join(at_exit).split()))
+            peak, _, at_exit = (rss.read_text() if rss.exists() else "0").partition("\n")
+            self.done[model, config] = (code, log.read_text(), int(peak), " ".join(at_exit.split()))
         return self.done[model, config]
 
 
