@@ -9,7 +9,9 @@ Without --cache the build runs in a fresh temporary cache, so its time is the
 first-use time a newcomer sees. Measures:
   image  PSNR of reconstructions, codebook use, and the accuracy of a digit classifier
          (logistic regression on colour-invariant ink maps of the original train images)
-         on held-out originals vs their reconstructions
+         on held-out originals vs their reconstructions; how readable the digit is from
+         the codes alone (logistic regression on one-hot (position, code), trained on two
+         colourings of the train digits, scored on the held-out ones)
   audio  SNR and log-mel distance of reconstructed spoken captions (with reference
          points: the same clips band-limited to 4 kHz, and with noise at 20 dB SNR),
          tokens per second, codebook use, encode speed
@@ -48,7 +50,24 @@ def ink_features(images: np.ndarray) -> np.ndarray:
     return ink.reshape(n, 14, 2, 14, 2).mean(axis=(2, 4)).reshape(n, -1)
 
 
-def bench_image(toks, val, train_originals) -> dict:
+def code_probe_accuracy(image, train, val) -> float:
+    """Held-out digit accuracy of a linear classifier on the one-hot (position, code)
+    features of `image.encode` (what a model reading the tokens starts from)."""
+    from scipy import sparse
+    from sklearn.linear_model import LogisticRegression
+
+    def onehot(images):
+        codes = image.encode(images)  # [N, T]
+        n, t = codes.shape
+        cols = (np.arange(t)[None] * image.codebook_size + codes).ravel()
+        return sparse.csr_matrix((np.ones(n * t), (np.repeat(np.arange(n), t), cols)),
+                                 shape=(n, t * image.codebook_size))
+
+    clf = LogisticRegression(C=1.0, max_iter=3000).fit(onehot(train.images), train.digits)
+    return float(clf.score(onehot(val.images), val.digits))
+
+
+def bench_image(toks, val, train_originals, train_two_colourings) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from megamm.tokenizers.dsp import psnr_db
@@ -72,6 +91,7 @@ def bench_image(toks, val, train_originals) -> dict:
         "classifier_accuracy_original": round(acc_orig, 4),
         "classifier_accuracy_reconstructed": round(acc_recon, 4),
         "classifier_gap_points": round(100 * (acc_orig - acc_recon), 2),
+        "digit_probe_on_codes": round(code_probe_accuracy(image, train_two_colourings, val), 4),
         "encode_images_per_s": round(len(val.images) / encode_s, 1),
         "train_report": image.report,
     }
@@ -195,8 +215,9 @@ def main(argv=None) -> int:
         toks = Tokenizers.load(tok_dir)
         val = make_split("val", colourings=2, seed=recipe.seed)
         train_originals = make_split("train", colourings=1, seed=recipe.seed, audio=False)
+        train_two = make_split("train", colourings=2, seed=recipe.seed, audio=False)
         print("benchmarking image / audio / text tokenizers ...", file=sys.stderr)
-        result["image"] = bench_image(toks, val, train_originals)
+        result["image"] = bench_image(toks, val, train_originals, train_two)
         result["audio"] = bench_audio(toks, val)
         result["text"] = bench_text(toks, val)
         print("benchmarking prepare_data ...", file=sys.stderr)

@@ -21,10 +21,11 @@ class VocabConfig:
     """Number of text (BPE) ids."""
     n_special: int = 16
     """Reserved special ids (the named specials of megamm.vocab come first)."""
-    image_codes: int = 256
-    """Codebook size of the image tokenizer."""
-    image_tokens: int = 49
-    """Fixed number of code tokens per image (e.g. a 7x7 grid)."""
+    image_codes: int = 64
+    """Codebook size of the image tokenizer (the embedded data's: 48 shape + 16 palette codes)."""
+    image_tokens: int = 51
+    """Fixed number of code tokens per image (the embedded data's: two palette codes and
+    a 7x7 grid)."""
     audio_codebooks: int = 4
     """Residual-VQ codebooks of the audio codec; one frame = one code of each."""
     audio_codebook_size: int = 256

@@ -3,11 +3,13 @@
 
     python tools/train_tokenizer.py {text,image,audio} MANIFEST.jsonl --out DIR
         [--steps N] [--batch-size N] [--vocab-size N] [--image-size S] [--channels C]
-        [--seed S] [--strict] [--quiet]
+        [--palette K] [--seed S] [--strict] [--quiet]
 
 writes DIR/<kind>/ (e.g. DIR/text/). Train all three into the same DIR and pass it to
 prepare_data.py --tokenizers DIR. Lines without the modality are ignored; bad lines
 are skipped and reported (--strict: the first one is an error, exit status 2).
+`--palette K` trains the image tokenizer in two-tone mode (images drawn in two colours,
+like the embedded painted digits; megamm/tokenizers/image.py) with a K-colour palette.
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def train(kind: str, values, args):
     if kind == "text":
         return TextTokenizer.train(values, vocab_size=args.vocab_size)
     if kind == "image":
-        cfg = ImageTokenizerConfig(image_size=args.image_size, channels=args.channels or 48)
+        cfg = ImageTokenizerConfig(image_size=args.image_size, channels=args.channels or 48,
+                                   palette_codes=args.palette)
         probe = ImageTokenizer(cfg)
         images = np.concatenate([_resized(probe, im) for im in values])  # [N, S, S, 3]
         train_cfg = ImageTrainConfig(steps=args.steps or 1500, batch_size=args.batch_size or 32, seed=args.seed)
@@ -91,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--channels", type=int, default=None, help="autoencoder width (image/audio)")
     ap.add_argument("--vocab-size", type=int, default=512, help="text id space (>= 256)")
     ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--palette", type=int, default=0, help="image: two-tone mode with this many palette colours")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strict", action="store_true")
     ap.add_argument("--quiet", action="store_true")

@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megamm.data.digits import export_manifest
-from megamm.tokenizers import Tokenizers
+from megamm.tokenizers import ImageTokenizer, Tokenizers
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "train_tokenizer.py"
@@ -38,10 +39,20 @@ def test_trains_a_usable_set(manifest, tmp_path):
     assert toks.text.decode(toks.text.encode(caption)) == caption
 
 
+def test_palette_trains_a_two_tone_image_tokenizer(manifest, tmp_path):
+    proc = _run("image", manifest, "--out", tmp_path, "--steps", "3", "--channels", "8", "--palette", "12")
+    assert proc.returncode == 0, proc.stderr
+    image = ImageTokenizer.load(tmp_path / "image")
+    assert image.cfg.palette_codes == 12 and image.tokens_per_image == 51
+    codes = image.encode(np.load(manifest.parent / "images" / "00000.npy")[None])
+    assert codes.shape == (1, 51) and (codes[0, :2] >= 256 - 12).all() and (codes[0, 2:] < 256 - 12).all()
+
+
 def test_bad_input_is_one_line(manifest, tmp_path):
     for args, needle in ((["text", tmp_path / "nope.jsonl"], "manifest not found"),
                          (["text", manifest, "--vocab-size", "10"], "vocab_size >= 256"),
-                         (["image", manifest, "--steps", "0"], "--steps must be >= 1")):
+                         (["image", manifest, "--steps", "0"], "--steps must be >= 1"),
+                         (["image", manifest, "--palette", "255"], "palette_codes must be in [0, codebook_size - 2]")):
         proc = _run(*args, "--out", tmp_path / "o")
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stderr and "Traceback" not in proc.stderr
