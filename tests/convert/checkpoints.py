@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from megamm.config import get_preset
+from megamm.data.default import IMAGE_CODES
 from megamm.data.synthetic import write_synthetic_dataset
 from megamm.tokenizers import AudioTokenizer, ImageTokenizer, TextTokenizer
 from megamm.tokenizers.audio import AudioCodecConfig
-from megamm.tokenizers.image import ImageTokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("train_test_helpers", ROOT / "tests" / "train" / "conftest.py")
@@ -43,7 +43,7 @@ def write_tokenizers(directory: Path) -> Path:
     vocabulary's sizes: real tokenizer folders for the export to carry."""
     text = TextTokenizer.train(TEXTS, vocab_size=get_preset("tiny").vocab.text_size, min_frequency=1)
     text.save(directory / "text")
-    ImageTokenizer(ImageTokenizerConfig()).save(directory / "image")
+    ImageTokenizer(IMAGE_CODES).save(directory / "image")  # the embedded data's, which the tiny vocabulary fits
     AudioTokenizer(AudioCodecConfig()).save(directory / "audio")
     return directory
 

@@ -81,10 +81,10 @@ def test_tokenizer_round_trips_text_and_shows_structure(made):
     assert tok.encode(sentence, add_special_tokens=False) == text.encode(sentence)
     assert tok.decode(text.encode(sentence)) == sentence
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (v.bos, v.eos, v.pad)
-    ids = [v.bos, v.boi, v.image_start + 7, v.image_start + 200, v.eoi,
+    ids = [v.bos, v.boi, v.image_start + 7, v.image_start + 50, v.eoi,
            v.boa, *v.audio_ids([[1, 2, 3, 4]]).tolist(), v.eoa, v.eos]
     shown = tok.decode(ids)
-    assert shown == "<bos><boi><img_7><img_200><eoi><boa><aud0_1><aud1_2><aud2_3><aud3_4><eoa><eos>"
+    assert shown == "<bos><boi><img_7><img_50><eoi><boa><aud0_1><aud1_2><aud2_3><aud3_4><eoa><eos>"
     assert tok.convert_ids_to_tokens(v.size - 1) == f"<vocab_pad_{v.size - v.used_size - 1}>"
 
 
