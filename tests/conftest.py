@@ -83,36 +83,19 @@ def heldout():
     return make_split("val", colourings=1, seed=0)
 
 
-# ---- DeepSpeed's ops, compiled in the background (tests/ds_ops.py) -------------------
+# ---- DeepSpeed's NVMe op, compiled in the background (tests/ds_ops.py) ----------------
 _ds_ops_build = []
-NO_DEEPSPEED = ("tokenizers", "model", "kernels", "data", "parallel", "eval/test_judges.py")
-"""Test directories (and files) under tests/ that start no DeepSpeed run; tests/*.py too."""
-
-
-def _starts_no_deepspeed(item) -> bool:
-    try:
-        rel = Path(str(item.fspath)).resolve().relative_to(ROOT / "tests").as_posix()
-    except ValueError:
-        return False
-    return "/" not in rel or any(rel == p or rel.startswith(p + "/") for p in NO_DEEPSPEED)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """The tests that start no DeepSpeed run go first (whole modules keep their order), so
-    the background build below has them to overlap with."""
-    items.sort(key=lambda item: not _starts_no_deepspeed(item))
 
 
 def pytest_collection_finish(session):
-    """Start the op builds when the selected tests (after -k/deselection) include one that
-    starts DeepSpeed (not under --collect-only); async_io only for an NVMe test."""
-    if session.config.option.collectonly or _ds_ops_build:
+    """Start the build when the selected tests (after -k/deselection) include an NVMe one
+    that will run (not under --collect-only)."""
+    if session.config.option.collectonly:
         return
-    if not all(_starts_no_deepspeed(item) for item in session.items):
-        from ds_ops import NVME_OP, OPS, start_background_build
+    if any("nvme" in item.nodeid for item in session.items) and not _ds_ops_build:
+        from ds_ops import start_background_build
 
-        nvme = any("nvme" in item.nodeid for item in session.items)
-        _ds_ops_build.append(start_background_build([*OPS, *([NVME_OP] if nvme else [])]))
+        _ds_ops_build.append(start_background_build())
 
 
 def pytest_sessionfinish(session, exitstatus):
