@@ -278,7 +278,8 @@ def test_mix_frequencies_and_caption_dropout(toks):
     from megamm.data.documents import EncodedExample
 
     vocab = Vocab(toks.vocab_config())
-    ex = EncodedExample(text=[1, 2, 3], image=np.arange(vocab.cfg.image_tokens) % vocab.cfg.image_codes, audio=np.zeros((5, 4), np.int64))
+    ex = EncodedExample(text=[1, 2, 3], image=np.arange(vocab.cfg.image_tokens) % vocab.cfg.image_codes,
+                        audio=np.zeros((5, 4), np.int64))
     mix = DocumentMix(weights={"text_image": 2.0, "image_text": 1.0, "audio_text": 1.0}, caption_dropout=0.25)
     counts = {}
     for key in range(4000):
