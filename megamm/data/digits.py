@@ -9,12 +9,14 @@ spoken:
     caption  "dark green eight on bright cyan"
     audio    float32 [T] at 16 kHz: the caption's words, each a clip synthesised once
              by espeak-ng (megamm/assets/digit_words.safetensors, made by
-             tools/make_speech_clips.py), joined with short silent gaps
+             tools/make_speech_clips.py), joined with short silent gaps; every word
+             starts on a 40 ms grid (WORD_GRID), the default audio codec's frame
 
 Split: digit samples whose scikit-learn index is a multiple of 10 (180 of them) are
 held out (`split="val"`); nothing trained on the "train" split ever sees them, the
-tokenizers included. A train digit is painted `colourings` times with different colours.
-Everything is a pure function of (split, colourings, seed): re-runs are identical.
+tokenizers included. A train digit is painted `colourings` times with different colours
+(and, with `shift`, in slightly different places). Everything is a pure function of
+(split, colourings, seed, shift): re-runs are identical.
 """
 from __future__ import annotations
 
@@ -48,6 +50,13 @@ WORDS = tuple(sorted({*SHADES, *COLOURS, *DIGIT_WORDS, "on"}))
 HELD_OUT_EVERY = 10
 """scikit-learn digit samples with index % HELD_OUT_EVERY == 0 form the held-out split."""
 WORD_CLIPS_ASSET = "digit_words.safetensors"
+WORD_GRID = 640
+"""Samples between the possible onsets of a spoken word (40 ms): the frame of the default
+audio codec (AudioCodecConfig.hop). A word clip is one fixed waveform, so on this grid it
+always encodes to the same code string; with onsets anywhere the codec's frames cut it at a
+random phase and one word has many strings (six renditions of one caption: 306 distinct
+code frames off the grid, 63 on it). With the grid the README command's spoken words rose
+0.57 -> 0.76 (benchmarks/results/main_command-cpu.json)."""
 
 _PAINTS = [(shade, colour) for shade in SHADES for colour in COLOURS]  # 12 paints
 
@@ -82,29 +91,36 @@ def split_indices(split: str) -> np.ndarray:
 
 
 def make_split(split: str, colourings: int = 1, seed: int = 0, audio: bool = True,
-               start: int = 0, stop: int | None = None) -> DigitsData:
+               start: int = 0, stop: int | None = None, shift: int = 0) -> DigitsData:
     """Examples of `split`: each source digit painted `colourings` times, ordered by
     (digit sample, colouring). `start`/`stop` select a range of that order, identical
-    to slicing the whole split (every example is a pure function of its position)."""
+    to slicing the whole split (every example is a pure function of its position).
+    With `shift` > 0 every colouring but the first also moves the digit by up to `shift`
+    pixels along each axis (drawn per example; at most the 2-pixel margin)."""
     if colourings < 1:
         raise ValueError(f"colourings must be >= 1, got {colourings}")
+    if not 0 <= shift <= 2:
+        raise ValueError(f"shift must be 0, 1 or 2 pixels (the margin), got {shift}")
     gray, labels = _load_sklearn_digits()
     idx = np.repeat(split_indices(split), colourings)  # [N]
     k = np.tile(np.arange(colourings), len(idx) // colourings)
     idx, k = idx[start:stop], k[start:stop]
     fg = np.zeros((len(idx), 3))
     bg = np.zeros((len(idx), 3))
+    offsets = np.zeros((len(idx), 2), np.int64)
     captions = []
     for n, (i, j) in enumerate(zip(idx.tolist(), k.tolist())):
         rng = np.random.default_rng([seed, i, j])
         fg_paint, bg_paint = _pick_paints(rng)
         fg[n], bg[n] = paint_rgb(*fg_paint), paint_rgb(*bg_paint)
         captions.append(caption(int(labels[i]), fg_paint, bg_paint))
-    images = colourise(gray[idx], fg, bg)
+        if shift and j:
+            offsets[n] = np.random.default_rng([seed, i, j, 2]).integers(-shift, shift + 1, size=2)
+    images = colourise(gray[idx], fg, bg, offsets=offsets)
     clips = None
     if audio:
         words = load_word_clips()
-        clips = [speak(c, words, np.random.default_rng([seed, int(i), int(j), 1]))
+        clips = [speak(c, words, np.random.default_rng([seed, int(i), int(j), 1]), grid=WORD_GRID)
                  for c, i, j in zip(captions, idx, k)]
     return DigitsData(images=images, captions=captions, digits=labels[idx].astype(np.int64),
                       sample_index=idx.astype(np.int64), audio=clips)
@@ -124,38 +140,52 @@ def paint_rgb(shade: str, colour: str) -> np.ndarray:
     return SHADES[shade] * np.asarray(COLOURS[colour], dtype=np.float64)
 
 
-def colourise(gray: np.ndarray, fg: np.ndarray, bg: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+def colourise(gray: np.ndarray, fg: np.ndarray, bg: np.ndarray, size: int = IMAGE_SIZE,
+              offsets: np.ndarray | None = None) -> np.ndarray:
     """8x8 intensities `[N, 8, 8]` (0..16) + RGB `[N, 3]` colours -> uint8 `[N, size, size, 3]`.
 
     The digit is upscaled (bicubic) to size - 4 and framed by a 2-pixel margin of
     background, like MNIST; each pixel blends background and foreground by intensity.
+    `offsets` (int `[N, 2]`, (down, right) pixels within the margin) move each digit.
     """
     alpha = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 16.0)[:, None]  # [N, 1, 8, 8]
     alpha = F.interpolate(alpha, size=(size - 4, size - 4), mode="bicubic", align_corners=False)
-    alpha = F.pad(alpha.clamp(0.0, 1.0), (2, 2, 2, 2))[:, 0, :, :, None].numpy()  # [N, S, S, 1]
+    alpha = F.pad(alpha.clamp(0.0, 1.0), (2, 2, 2, 2))[:, 0]  # [N, S, S]
+    if offsets is not None:
+        if np.abs(offsets).max(initial=0) > 2:
+            raise ValueError("offsets must stay within the 2-pixel margin")
+        for n in np.flatnonzero(np.any(offsets != 0, axis=1)):
+            alpha[n] = torch.roll(alpha[n], shifts=tuple(int(o) for o in offsets[n]), dims=(0, 1))
+    alpha = alpha[..., None].numpy()  # [N, S, S, 1]
     fg = np.asarray(fg, dtype=np.float32)[:, None, None, :]
     bg = np.asarray(bg, dtype=np.float32)[:, None, None, :]
     return np.clip(np.rint(bg + alpha * (fg - bg)), 0, 255).astype(np.uint8)
 
 
 def speak(text: str, clips: dict[str, np.ndarray], rng: np.random.Generator | None = None,
-          gap_s: tuple[float, float] = (0.04, 0.10), margin_s: float = 0.08) -> np.ndarray:
+          gap_s: tuple[float, float] = (0.04, 0.10), margin_s: float = 0.08, grid: int = 1) -> np.ndarray:
     """Concatenate the word clips of `text` with silent gaps -> float32 `[T]` at 16 kHz.
 
     Gaps are drawn uniformly from `gap_s` (seconds) with `rng`, or are their midpoint
-    without one; `margin_s` of silence opens and closes the clip.
+    without one, then lengthened (by less than `grid` samples) so that every word starts
+    at a multiple of `grid` samples; `margin_s` of silence opens and closes the clip.
     """
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1 sample, got {grid}")
     words = text.split()
     missing = [w for w in words if w not in clips]
     if missing:
         raise KeyError(f"no speech clip for word(s) {missing}; known: {sorted(clips)}")
-    margin = np.zeros(int(margin_s * SAMPLE_RATE), np.float32)
-    parts = [margin]
-    for n, w in enumerate(words):
-        if n:
-            g = rng.uniform(*gap_s) if rng is not None else sum(gap_s) / 2
-            parts.append(np.zeros(int(g * SAMPLE_RATE), np.float32))
+    margin = np.zeros(-(-int(margin_s * SAMPLE_RATE) // grid) * grid, np.float32)
+    parts, n = [margin], len(margin)
+    for k, w in enumerate(words):
+        if k:
+            g = int((rng.uniform(*gap_s) if rng is not None else sum(gap_s) / 2) * SAMPLE_RATE)
+            g += -(n + g) % grid  # the next word starts on the grid
+            parts.append(np.zeros(g, np.float32))
+            n += g
         parts.append(clips[w])
+        n += len(clips[w])
     parts.append(margin)
     return np.concatenate(parts)
 

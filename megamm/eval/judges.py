@@ -43,7 +43,7 @@ from megamm.eval.image_judge import (ImageJudge, ImageJudgeConfig, ImageJudgeTra
 from megamm.runtime import torch_threads, usable_cores
 from megamm.tokenizers import Tokenizers
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when a change to the code makes previously cached judges wrong."""
 
 

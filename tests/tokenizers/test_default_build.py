@@ -3,12 +3,14 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 from megamm.config import PRESETS
 from megamm.data import digits
 from megamm.data.default import DefaultDatasetRecipe, build_default_dataset, ensure_default_dataset
 from megamm.data.documents import split_document
 from megamm.data.shards import ShardReader, list_shards
+from megamm.eval.audio_judge import word_spans
 from megamm.data.default import load_default
 from megamm.tokenizers import load_for_data
 from megamm.vocab import Vocab
@@ -30,10 +32,45 @@ def test_examples_are_coloured_captioned_and_spoken():
         assert word == digits.DIGIT_WORDS[d] and on == "on" and fg != bg
         assert np.abs(img[0, 0].astype(int) - digits.paint_rgb(bg_shade, bg)).max() <= 1  # corner = background
     assert all(a.dtype == np.float32 and 2.0 < a.size / 16000 < 4.0 for a in data.audio)
+    words = digits.load_word_clips()
+    for cap, clip in zip(data.captions[:50], data.audio[:50]):  # every word starts on the codec's frame grid
+        assert [start % digits.WORD_GRID for start, _ in word_spans(clip, cap, words)] == [0] * 6
     again = digits.make_split("val", colourings=2, start=100, stop=110)  # a range = a slice
     assert again.captions == data.captions[100:110]
     assert np.array_equal(again.images, data.images[100:110])
     assert all(np.array_equal(a, b) for a, b in zip(again.audio, data.audio[100:110]))
+
+
+def test_shift_moves_every_colouring_but_the_first_within_the_margin():
+    plain = digits.make_split("train", colourings=3, audio=False, stop=60)
+    moved = digits.make_split("train", colourings=3, audio=False, stop=60, shift=1)
+    assert moved.captions == plain.captions
+    assert np.array_equal(moved.images[::3], plain.images[::3])  # first colouring: in place
+    offsets = []
+    for a, b in zip(plain.images, moved.images):  # a moved digit is the plain one rolled by <= 1 pixel
+        match = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                 if np.array_equal(np.roll(a, (dy, dx), axis=(0, 1)), b)]
+        assert match
+        offsets.append(match[0])
+    assert len(set(offsets[1::3] + offsets[2::3])) >= 5  # the moves vary
+    part = digits.make_split("train", colourings=3, audio=False, start=31, stop=40, shift=1)
+    assert np.array_equal(part.images, moved.images[31:40])
+    with pytest.raises(ValueError, match="shift"):
+        digits.make_split("train", shift=3)
+
+
+def test_speak_puts_word_onsets_on_the_grid():
+    words = digits.load_word_clips()
+    text = "bright cyan four on dark red"
+    free = digits.speak(text, words, np.random.default_rng(3))
+    on_grid = digits.speak(text, words, np.random.default_rng(3), grid=640)
+    starts = [s for s, _ in word_spans(on_grid, text, words)]
+    free_starts = [s for s, _ in word_spans(free, text, words)]
+    assert all(s % 640 == 0 for s in starts) and not all(s % 640 == 0 for s in free_starts)
+    grown = np.diff(starts) - np.diff(free_starts)  # each gap grows by less than the grid
+    assert ((grown >= 0) & (grown < 640)).all() and grown.any()
+    with pytest.raises(ValueError, match="grid"):
+        digits.speak(text, words, grid=0)
 
 
 def test_word_clips_cover_every_caption_word():
