@@ -13,7 +13,8 @@ transformer body (12 layers, d=768, 12 heads / 4 KV heads, FFN 2048) with the da
 vocabulary, registered for this benchmark's child processes only as preset
 "small-digits". Each variant trains in its own process (`python launch/train.py`'s
 code path, one CPU rank). Writes benchmarks/results/bf16_states_quality-<cpu|cuda>.json
-and a PNG of both loss curves (megamm.media; `--out` chooses the JSON path).
+and a PNG of both variants' training loss (a moving mean) and held-out loss (every
+--eval-interval steps) (megamm.media; `--out` chooses the JSON path).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def run_variant(name: str, ds_cfg: dict, a, tmp: Path) -> list[dict]:
     cfg_path.write_text(json.dumps(ds_cfg))
     argv = ["--ds_config", str(cfg_path), "--model", PRESET, "--seq-len", a.seq_len, "--micro-batch", a.micro_batch,
             "--grad-accum", 1, "--lr", a.lr, "--warmup", a.warmup, "--max-steps", a.steps, "--seed", a.seed,
-            "--save-dir", save, "--no-progress"]
+            "--save-dir", save, "--no-progress", "--no-final-eval", "--eval-interval", a.eval_interval,
+            "--eval-batches", a.eval_batches]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, argv)], cwd=ROOT, env=env,
                           capture_output=True, text=True)
@@ -58,12 +60,26 @@ def run_variant(name: str, ds_cfg: dict, a, tmp: Path) -> list[dict]:
     return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
 
 
-def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+def smoothed(recs: list[dict], window: int) -> list[tuple[int, float]]:
+    """(step, mean training loss of the `window` steps up to it), from the window-th step on."""
+    losses = [r["loss"] for r in recs]
+    return [(recs[i]["step"], sum(losses[i + 1 - window: i + 1]) / window) for i in range(window - 1, len(recs))]
+
+
+def held_out(recs: list[dict]) -> list[tuple[int, float]]:
+    return [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+
+
+def plot(curves: dict[str, list[dict]], path: Path, title: str, window: int) -> None:
     from megamm.media import line_plot, write_png
 
-    write_png(path, line_plot({name: [(r["step"], r["loss"]) for r in recs] for name, recs in curves.items()},
-                              title=title, xlabel="optimizer step", ylabel="training loss (modality grammar)",
-                              size=(720, 420)))
+    series = {}
+    for name, recs in curves.items():
+        short = name.split(" (")[0]
+        series[f"{short}: train, mean of {window} steps"] = smoothed(recs, window)
+        series[f"{short}: held-out"] = held_out(recs)
+    write_png(path, line_plot(series, title=title, xlabel="optimizer step", ylabel="loss (modality grammar)",
+                              size=(760, 440)))
 
 
 def main(argv=None) -> int:
@@ -80,6 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--eval-interval", type=int, default=25, help="held-out loss every N steps")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--window", type=int, default=25, help="steps per point of the smoothed training curve")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/"
                    "bf16_states_quality-<cpu|cuda>.json); the PNG goes next to it")
     a = p.parse_args(argv)
@@ -99,11 +118,14 @@ def main(argv=None) -> int:
         "model": f"{PRESET}: small's body with the embedded data's vocabulary",
         "data": str(ensure_default_dataset()), "ds_config": "zero3_offload.json (bf16 compute, ZeRO-3, CPU offload)",
         "seq_len": a.seq_len, "micro_batch": a.micro_batch, "grad_accum": 1, "steps": a.steps, "lr": a.lr,
-        "warmup": a.warmup, "seed": a.seed,
+        "warmup": a.warmup, "seed": a.seed, "eval_interval": a.eval_interval, "eval_batches": a.eval_batches,
         "loss": {name: [r["loss"] for r in recs] for name, recs in curves.items()},
         "final_loss_mean_last_quarter": {name: sum(r["loss"] for r in recs[-tail:]) / tail
                                          for name, recs in curves.items()},
         "max_abs_loss_gap": max(abs(x["loss"] - y["loss"]) for x, y in zip(bf, fp)),
+        "val_loss": {name: held_out(recs) for name, recs in curves.items()},
+        "final_val_loss": {name: held_out(recs)[-1][1] for name, recs in curves.items() if held_out(recs)},
+        "max_abs_val_loss_gap": max((abs(x[1] - y[1]) for x, y in zip(held_out(bf), held_out(fp))), default=None),
         "device": torch.cuda.get_device_name(0) if kind == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                      "python": platform.python_version()},
@@ -113,8 +135,9 @@ def main(argv=None) -> int:
     out = a.out or RESULTS / f"bf16_states_quality-{kind}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(curves, out.with_suffix(".png"),
-         f"{PRESET}, seq {a.seq_len} x micro-batch {a.micro_batch}, lr {a.lr}, seed {a.seed}, {kind}")
-    print(json.dumps({k: result[k] for k in ("final_loss_mean_last_quarter", "max_abs_loss_gap")}, indent=1))
+         f"{PRESET}, seq {a.seq_len} x micro-batch {a.micro_batch}, lr {a.lr}, seed {a.seed}, {kind}", a.window)
+    print(json.dumps({k: result[k] for k in ("final_loss_mean_last_quarter", "max_abs_loss_gap", "final_val_loss",
+                                             "max_abs_val_loss_gap")}, indent=1))
     return 0
 
 

@@ -10,7 +10,9 @@ One command, one result: it writes a synthetic grammar-valid data set (or takes 
 then launches each implementation in its own process (`deepspeed --num_gpus N`, or plain
 python for one CPU rank) so peak memory is per implementation. Each child reports the
 median of its steps after --warmup-steps: tokens/s, TFLOP/s (model FLOPs, the formula of
-megamm.train.metrics), MFU (GPU), peak GPU memory, peak host RSS of rank 0. The result
+megamm.train.metrics), MFU (GPU), peak GPU memory, peak host RSS of rank 0; with
+`--repeats R` every implementation is launched R times, alternating, and its median launch
+kept (one launch each on a busy 2-core machine has differed by 2x). The result
 holds both and `speedup` = megamm tokens/s / baseline tokens/s, at equal loss definition:
 megamm runs `--loss-scope full` (plain softmax over the whole vocabulary, what
 LlamaForCausalLM computes); `--loss-scope modality` adds megamm's default grammar loss as
@@ -62,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
     a("--pp", type=int, default=1, help="pipeline-parallel degree (megamm; ZeRO 0/1)")
     a("--sequence-parallel", action="store_true")
     a("--steps", type=int, default=20)
+    a("--repeats", type=int, default=1,
+      help="launch every implementation this many times, alternating (megamm, hf, megamm, hf, ...), and "
+           "report each one's median run: on a shared or throttling machine one launch each can differ "
+           "by more than the implementations do")
     a("--warmup-steps", type=int, default=3)
     a("--seed", type=int, default=1234)
     a("--impls", default="megamm,hf", help="comma-separated: which implementations to run")
@@ -144,10 +150,20 @@ def _launch(a, impl, loss_scope, data, out) -> dict:
     return json.loads(out.read_text())
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The launch with the median tokens/s (the lower middle of an even count), with every
+    launch's tokens/s beside it."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "tokens_per_s_each_launch": [r["tokens_per_s"] for r in runs]}
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     if a.steps <= a.warmup_steps:
         print(f"error: --steps ({a.steps}) must exceed --warmup-steps ({a.warmup_steps})", file=sys.stderr)
+        return 2
+    if a.repeats < 1:
+        print(f"error: --repeats must be >= 1, got {a.repeats}", file=sys.stderr)
         return 2
     if a.impl:
         return run_one(a)
@@ -162,21 +178,25 @@ def main(argv=None) -> int:
     impls = [x for x in a.impls.split(",") if x]
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data or write_synthetic_dataset(Path(tmp) / "data", cfg.vocab, n_train=4000, n_val=8)
-        rows = []
-        for impl in impls:
-            rows.append(_launch(a, impl, a.loss_scope if impl == "megamm" else "full", data, Path(tmp) / f"{impl}.json"))
+        runs = [(impl, a.loss_scope if impl == "megamm" else "full") for impl in impls]
         if "megamm" in impls and a.loss_scope == "full":
-            rows.append(_launch(a, "megamm", "modality", data, Path(tmp) / "megamm-modality.json"))
+            runs.append(("megamm", "modality"))
+        launches: dict[tuple, list[dict]] = {run: [] for run in runs}
+        for r in range(a.repeats):
+            for impl, scope in runs:
+                launches[(impl, scope)].append(_launch(a, impl, scope, data, Path(tmp) / f"{impl}-{scope}-{r}.json"))
+    rows = [_median_run(launches[run]) for run in runs]
     by = {(r["impl"], r["loss_scope"]): r for r in rows}
     mm, hf = by.get(("megamm", "full")), next((r for r in rows if r["impl"] == "hf"), None)
     result = {
         "benchmark": "train_throughput",
         "model": a.model, "ds_config": a.ds_config, "device": device_name(), "world_size": a.gpus,
         "seq_len": a.seq_len or cfg.max_seq_len, "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
-        "precision": a.precision, "steps": a.steps, "warmup_steps": a.warmup_steps,
+        "precision": a.precision, "steps": a.steps, "warmup_steps": a.warmup_steps, "repeats": a.repeats,
         "results": rows,
         "speedup": mm["tokens_per_s"] / hf["tokens_per_s"] if mm and hf else None,
-        "speedup_definition": "megamm (--loss-scope full) tokens/s / transformers.LlamaForCausalLM tokens/s",
+        "speedup_definition": "megamm (--loss-scope full) tokens/s / transformers.LlamaForCausalLM tokens/s "
+                              "(each the median of its launches)",
         "versions": {"torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__,
                      "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},

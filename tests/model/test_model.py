@@ -98,6 +98,55 @@ def test_loss_gradients_equal_those_of_the_masked_cross_entropy(scope, z):
         torch.testing.assert_close(g_got[n], g_want[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("scope", ["modality", "full"])
+def test_one_table_loss_equals_the_sharded_function_on_one_rank(scope):
+    """grammar_loss without a group (torch's fused cross-entropy, finite bias) against the
+    vocabulary-parallel Function run with the whole table and no group: same loss, stats,
+    z-loss and gradients, on rows whose targets are random ids (many forbidden by the
+    grammar, so not counted) next to <pad> rows where the grammar allows nothing."""
+    from megamm.model.loss import GrammarTables, _ShardedCrossEntropy, grammar_loss
+
+    v = Vocab(VOCAB)
+    x, y = packed_batch(v, seed=9)
+    y = torch.where(torch.rand(y.shape, generator=torch.Generator().manual_seed(0)) < 0.3,
+                    torch.randint(0, v.used_size, y.shape, generator=torch.Generator().manual_seed(1)), y)
+    states = v.states(x)
+    h0, w0 = torch.randn(x.numel(), 16), torch.randn(v.size, 16) * 0.5
+    tables = GrammarTables(v)
+    h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    loss, stats = grammar_loss(h, w, 0, states, y, tables, scope, 0.01)
+    loss.backward()
+    hr, wr = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    counted = v.counted_targets(states.reshape(-1), y.reshape(-1), scope != "full")
+    assert 0 < int(counted.sum()) < y.numel() - 6  # some targets dropped beyond the 6 pads
+    bias = None
+    if scope != "full":
+        bias = torch.zeros(v.n_states, v.size).masked_fill_(~v.allowed_table(), float("-inf"))[states.reshape(-1)]
+    ce, lse = _ShardedCrossEntropy.apply(F.linear(hr, wr), bias, y.reshape(-1), None)
+    want = (ce[counted] + 0.01 * lse[counted] ** 2).sum()
+    want.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[len(stats) // 2:].sum(), counted.float().sum())
+    torch.testing.assert_close(stats[:len(stats) // 2].sum(), ce[counted].sum().detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, hr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_one_table_loss_stays_finite_where_the_grammar_allows_nothing():
+    """No state of today's grammar allows nothing, but such a row (never counted) must not
+    turn the gradient into NaN: the one-table path's forbidden bias is finite."""
+    from megamm.model.loss import FORBIDDEN, _whole_table_cross_entropy
+
+    logits = torch.randn(3, 5, requires_grad=True)
+    bias = torch.zeros(3, 5)
+    bias[1] = FORBIDDEN
+    ce, lse = _whole_table_cross_entropy(logits, bias, torch.tensor([0, 0, 2]), torch.tensor([True, False, True]), True)
+    (ce.sum() + lse[[0, 2]].sum()).backward()
+    assert ce[1] == 0 and torch.isfinite(ce).all() and torch.isfinite(logits.grad).all()
+    assert logits.grad[1].abs().max() == 0
+
+
 def test_target_scope_counts_only_the_output_segments():
     """Same per-token losses as the modality scope, fewer of them: none of a prompt."""
     v = Vocab(VOCAB)
