@@ -11,8 +11,8 @@ then launches each implementation in its own process (`deepspeed --num_gpus N`, 
 python for one CPU rank) so peak memory is per implementation. Each child reports the
 median of its steps after --warmup-steps: tokens/s, TFLOP/s (model FLOPs, the formula of
 megamm.train.metrics), MFU (GPU), peak GPU memory, peak host RSS of rank 0; with
-`--repeats R` every implementation is launched R times, alternating, and its median launch
-kept (one launch each on a busy 2-core machine has differed by 2x). The result
+`--repeats R` every implementation is launched R times, alternating (the order rotating, so
+each goes first in turn), and its median launch kept (one launch each on a busy 2-core machine has differed by 2x). The result
 holds both and `speedup` = megamm tokens/s / baseline tokens/s, at equal loss definition:
 megamm runs `--loss-scope full` (plain softmax over the whole vocabulary, what
 LlamaForCausalLM computes); `--loss-scope modality` adds megamm's default grammar loss as
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
             runs.append(("megamm", "modality"))
         launches: dict[tuple, list[dict]] = {run: [] for run in runs}
         for r in range(a.repeats):
-            for impl, scope in runs:
+            for impl, scope in runs[r % len(runs):] + runs[:r % len(runs)]:  # each goes first in turn
                 launches[(impl, scope)].append(_launch(a, impl, scope, data, Path(tmp) / f"{impl}-{scope}-{r}.json"))
     rows = [_median_run(launches[run]) for run in runs]
     by = {(r["impl"], r["loss_scope"]): r for r in rows}
