@@ -114,3 +114,13 @@ def shutdown() -> None:
             dist.destroy_process_group()
         except Exception:  # a dead peer: the exit status still says what happened here
             pass
+        # A gloo worker thread drops its last finished work (and the Python tensors it
+        # holds) just after the barrier returns; if the interpreter is already finalizing
+        # then, taking the GIL ends that thread and std::terminate aborts the process
+        # (exit 134 after a finished run, seen under mpirun on a loaded 2-core machine).
+        # Let it happen while the interpreter is still whole.
+        import gc
+        import time
+
+        gc.collect()
+        time.sleep(0.2)
