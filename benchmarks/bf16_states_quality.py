@@ -112,6 +112,7 @@ def main(argv=None) -> int:
                   "fp32 master + fp32 Adam states": run_variant("fp32_states", fp32_states, a, Path(tmp))}
     (bf, fp) = curves.values()
     tail = max(1, len(bf) // 4)
+    vals = {name: held_out(recs) for name, recs in curves.items()}
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     result = {
         "benchmark": "bf16_states_quality",
@@ -123,9 +124,9 @@ def main(argv=None) -> int:
         "final_loss_mean_last_quarter": {name: sum(r["loss"] for r in recs[-tail:]) / tail
                                          for name, recs in curves.items()},
         "max_abs_loss_gap": max(abs(x["loss"] - y["loss"]) for x, y in zip(bf, fp)),
-        "val_loss": {name: held_out(recs) for name, recs in curves.items()},
-        "final_val_loss": {name: held_out(recs)[-1][1] for name, recs in curves.items() if held_out(recs)},
-        "max_abs_val_loss_gap": max((abs(x[1] - y[1]) for x, y in zip(held_out(bf), held_out(fp))), default=None),
+        "val_loss": vals,
+        "final_val_loss": {name: v[-1][1] for name, v in vals.items() if v},
+        "max_abs_val_loss_gap": max((abs(x[1] - y[1]) for x, y in zip(*vals.values())), default=None),
         "device": torch.cuda.get_device_name(0) if kind == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                      "python": platform.python_version()},

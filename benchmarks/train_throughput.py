@@ -12,7 +12,8 @@ python for one CPU rank) so peak memory is per implementation. Each child report
 median of its steps after --warmup-steps: tokens/s, TFLOP/s (model FLOPs, the formula of
 megamm.train.metrics), MFU (GPU), peak GPU memory, peak host RSS of rank 0; with
 `--repeats R` every implementation is launched R times, alternating (the order rotating, so
-each goes first in turn), and its median launch kept (one launch each on a busy 2-core machine has differed by 2x). The result
+each goes first in turn), and its median launch kept (one launch each on a busy 2-core
+machine has differed by 2x). The result
 holds both and `speedup` = megamm tokens/s / baseline tokens/s, at equal loss definition:
 megamm runs `--loss-scope full` (plain softmax over the whole vocabulary, what
 LlamaForCausalLM computes); `--loss-scope modality` adds megamm's default grammar loss as
@@ -65,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     a("--sequence-parallel", action="store_true")
     a("--steps", type=int, default=20)
     a("--repeats", type=int, default=1,
-      help="launch every implementation this many times, alternating (megamm, hf, megamm, hf, ...), and "
+      help="launch every implementation this many times, alternating (the order rotating each round), and "
            "report each one's median run: on a shared or throttling machine one launch each can differ "
            "by more than the implementations do")
     a("--warmup-steps", type=int, default=3)

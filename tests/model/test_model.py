@@ -103,7 +103,7 @@ def test_one_table_loss_equals_the_sharded_function_on_one_rank(scope):
     """grammar_loss without a group (torch's fused cross-entropy, finite bias) against the
     vocabulary-parallel Function run with the whole table and no group: same loss, stats,
     z-loss and gradients, on rows whose targets are random ids (many forbidden by the
-    grammar, so not counted) next to <pad> rows where the grammar allows nothing."""
+    grammar, so not counted) and <pad> targets at the rows' ends."""
     from megamm.model.loss import GrammarTables, _ShardedCrossEntropy, grammar_loss
 
     v = Vocab(VOCAB)
