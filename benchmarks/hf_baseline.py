@@ -3,17 +3,23 @@ megamm's shapes, trained under the same DeepSpeed config on the same batches.
 
 `llama_config(cfg, seq_len)` maps a megamm ModelConfig to a LlamaConfig (same layers,
 widths, heads, KV heads, FFN, RoPE theta, norm eps, padded vocabulary, tying);
-`train(...)` runs `steps` optimizer steps with HF's own causal-LM loss (`labels=`, a
-plain softmax over the whole vocabulary: compare with megamm's `--loss-scope full`)
-and returns per-step records shaped like megamm.train.loop's (step, loss,
-tokens_per_s, step_time_s). Causal attention runs over each packed row as a whole,
-as a user's plain Llama would.
+`train(...)` runs `steps` optimizer steps and returns per-step records shaped like
+megamm.train.loop's (step, loss, tokens_per_s, step_time_s). Causal attention runs over
+each packed row as a whole, as a user's plain Llama would.
+
+The loss is `causal_lm_loss`, what HF's own `labels=` loss computes (fp32 logits,
+cross-entropy with ignore_index -100, mean over counted targets) on the targets megamm
+counts, so the two implementations train the same loss definition: `full`, a plain
+softmax over the whole vocabulary; `modality`, the same with the ids the grammar forbids
+masked to -inf on the model's full logits (what a user of the stock model would write
+to train megamm's grammar loss).
 """
 from __future__ import annotations
 
 import time
 
 import torch
+import torch.nn.functional as F
 
 from megamm.config import ModelConfig
 from megamm.data.loader import PackedLoader, open_split
@@ -33,7 +39,24 @@ def llama_config(cfg: ModelConfig, seq_len: int, vocab_size: int):
                        use_cache=False, attn_implementation="sdpa")
 
 
-def train(cfg: ModelConfig, ds_cfg: dict, data_dir, steps: int, seed: int, device) -> list[dict]:
+def causal_lm_loss(logits, inputs, targets, vocab: Vocab, loss_scope: str, allowed=None, forbidden=None):
+    """logits [B,S,V] of the stock model -> the mean cross-entropy over the targets megamm
+    counts under `loss_scope` ("full" or "modality"); `allowed`, `forbidden`: a cached
+    allowed_table() and its negation on the logits' device."""
+    grammar = loss_scope != "full"
+    allowed = vocab.allowed_table().to(logits.device) if allowed is None else allowed
+    forbidden = ~allowed if forbidden is None else forbidden
+    states, targets = vocab.states(inputs).reshape(-1), targets.reshape(-1)
+    counted = vocab.counted_targets(states, targets, grammar, allowed)
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    if grammar:  # one out-of-place pass over the logits
+        logits = logits.masked_fill(forbidden[states], float("-inf"))
+    labels = torch.where(counted, targets, torch.full_like(targets, -100))
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / counted.sum().clamp(min=1)
+
+
+def train(cfg: ModelConfig, ds_cfg: dict, data_dir, steps: int, seed: int, device,
+          loss_scope: str = "full") -> list[dict]:
     """Train the Llama twin; rank 0's records (other ranks return [])."""
     import deepspeed
     import torch.distributed as dist
@@ -55,14 +78,17 @@ def train(cfg: ModelConfig, ds_cfg: dict, data_dir, steps: int, seed: int, devic
     model.train()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
     tokens_per_step = mb * gas * world * cfg.max_seq_len
+    allowed = vocab.allowed_table().to(device)
+    forbidden = ~allowed
     records = []
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         loss_sum = 0.0
         for _ in range(gas):
-            inputs, _targets = loader.next_batch()
-            inputs = inputs.to(device)
-            loss = engine(input_ids=inputs, labels=inputs).loss
+            inputs, targets = loader.next_batch()
+            inputs, targets = inputs.to(device), targets.to(device)
+            loss = causal_lm_loss(engine(input_ids=inputs).logits, inputs, targets, vocab, loss_scope,
+                                  allowed, forbidden)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())

@@ -14,10 +14,13 @@ megamm.train.metrics), MFU (GPU), peak GPU memory, peak host RSS of rank 0; with
 `--repeats R` every implementation is launched R times, alternating (the order rotating, so
 each goes first in turn), and its median launch kept (one launch each on a busy 2-core
 machine has differed by 2x). The result
-holds both and `speedup` = megamm tokens/s / baseline tokens/s, at equal loss definition:
-megamm runs `--loss-scope full` (plain softmax over the whole vocabulary, what
-LlamaForCausalLM computes); `--loss-scope modality` adds megamm's default grammar loss as
-a third row. Written to benchmarks/results/train_throughput-<cpu|cuda>-<model>-<config>.json.
+holds every row and, per loss definition, megamm tokens/s / baseline tokens/s. The two
+train the same loss: the baseline's loss is benchmarks/hf_baseline.causal_lm_loss on its
+full logits, over the targets megamm counts. `speedup` is the plain softmax over the whole
+vocabulary (`full`, what LlamaForCausalLM's own loss computes); `speedup_modality` is
+megamm's default grammar loss (the baseline masks the forbidden ids of its full logits;
+megamm's head computes only the allowed columns of each position). `--loss-scope` picks
+one of the two. Written to benchmarks/results/train_throughput-<cpu|cuda>-<model>-<config>.json.
 
 `--impl megamm|hf` runs one implementation in this process (what the children do).
 """
@@ -59,8 +62,9 @@ def parser() -> argparse.ArgumentParser:
     a("--grad-accum", type=int)
     a("--precision", choices=["bf16", "fp16", "fp32"])
     a("--activation-checkpointing", dest="activation_checkpointing", action="store_const", const=True)
-    a("--loss-scope", choices=["full", "modality"], default="full",
-      help="megamm's loss: full (= the baseline's definition) or modality (adds the grammar loss row)")
+    a("--loss-scope", choices=["full", "modality", "both"], default="both",
+      help="the loss both implementations train: full (plain softmax), modality (megamm's grammar "
+           "loss), or both (two pairs of rows)")
     a("--tp", type=int, default=1, help="tensor-parallel degree (megamm)")
     a("--pp", type=int, default=1, help="pipeline-parallel degree (megamm; ZeRO 0/1)")
     a("--sequence-parallel", action="store_true")
@@ -113,7 +117,7 @@ def run_one(a) -> int:
         from megamm.parallel.distributed import init_distributed
 
         device = init_distributed()
-        records = hf_baseline.train(cfg, ds_cfg, a.data, a.steps, a.seed, device)
+        records = hf_baseline.train(cfg, ds_cfg, a.data, a.steps, a.seed, device, a.loss_scope_run)
     if not records:  # not rank 0
         return 0
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -123,7 +127,7 @@ def run_one(a) -> int:
     peak = peak_flops(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     summary = {
-        "impl": a.impl, "loss_scope": a.loss_scope_run if a.impl == "megamm" else "full (HF labels)",
+        "impl": a.impl, "loss_scope": a.loss_scope_run,
         "tokens_per_s": tok_s, "step_time_s": statistics.median(r["step_time_s"] for r in timed),
         "tflops": flops / 1e12, "mfu": flops / (peak * world) if peak else None,
         "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
@@ -179,25 +183,30 @@ def main(argv=None) -> int:
     impls = [x for x in a.impls.split(",") if x]
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data or write_synthetic_dataset(Path(tmp) / "data", cfg.vocab, n_train=4000, n_val=8)
-        runs = [(impl, a.loss_scope if impl == "megamm" else "full") for impl in impls]
-        if "megamm" in impls and a.loss_scope == "full":
-            runs.append(("megamm", "modality"))
+        scopes = ["full", "modality"] if a.loss_scope == "both" else [a.loss_scope]
+        runs = [(impl, scope) for scope in scopes for impl in impls]
         launches: dict[tuple, list[dict]] = {run: [] for run in runs}
         for r in range(a.repeats):
             for impl, scope in runs[r % len(runs):] + runs[:r % len(runs)]:  # each goes first in turn
                 launches[(impl, scope)].append(_launch(a, impl, scope, data, Path(tmp) / f"{impl}-{scope}-{r}.json"))
     rows = [_median_run(launches[run]) for run in runs]
     by = {(r["impl"], r["loss_scope"]): r for r in rows}
-    mm, hf = by.get(("megamm", "full")), next((r for r in rows if r["impl"] == "hf"), None)
+
+    def ratio(scope):
+        mm, hf = by.get(("megamm", scope)), by.get(("hf", scope))
+        return mm["tokens_per_s"] / hf["tokens_per_s"] if mm and hf else None
+
     result = {
         "benchmark": "train_throughput",
         "model": a.model, "ds_config": a.ds_config, "device": device_name(), "world_size": a.gpus,
         "seq_len": a.seq_len or cfg.max_seq_len, "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
         "precision": a.precision, "steps": a.steps, "warmup_steps": a.warmup_steps, "repeats": a.repeats,
         "results": rows,
-        "speedup": mm["tokens_per_s"] / hf["tokens_per_s"] if mm and hf else None,
-        "speedup_definition": "megamm (--loss-scope full) tokens/s / transformers.LlamaForCausalLM tokens/s "
-                              "(each the median of its launches)",
+        "speedup": ratio("full"), "speedup_modality": ratio("modality"),
+        "speedup_definition": "megamm tokens/s / transformers.LlamaForCausalLM tokens/s (each the median of its "
+                              "launches), both training the same loss: `speedup` the plain softmax over the whole "
+                              "vocabulary, `speedup_modality` megamm's grammar loss (the baseline masks its full "
+                              "logits); targets counted alike (not <pad>, not after a document's end)",
         "versions": {"torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__,
                      "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},

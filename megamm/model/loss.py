@@ -1,20 +1,23 @@
 """The training loss: cross-entropy under the modality grammar, over the head's rows.
 
     h [N,D], head rows [Vs,D] = ids [start, start+Vs) of the vocabulary
-    -> logits [N,Vs] -> per-token (ce, lse) -> loss_sum and per-modality statistics
+    -> logits -> per-token (ce, lse) -> loss_sum and per-modality statistics
 
 With loss_scope "modality", position i's softmax runs only over the ids its grammar
-state allows next (column masks from `Vocab.allowed_table`, sliced to the shard), which
-is exactly what sampling allows; "full" keeps the plain softmax over every row.
+state allows next (`Vocab.allowed_ranges`), which is exactly what sampling allows;
+"full" keeps the plain softmax over every row.
 
-The same code serves the single process (the shard is the whole table, no group) and
-vocabulary-parallel tensor parallelism (each rank holds a contiguous row range, `group`
-is the tensor-parallel group): the row max, the sum of exponentials and the target
-logit are all-reduced over the group, so no rank ever holds full-vocabulary logits.
-The backward is local: d ce / d logits = softmax - onehot on the rank's own columns.
-Without a group the whole table is here and torch's fused F.cross_entropy does the same
-(measured on the CPU, bf16, plain softmax over 2048 tokens x 45,056 ids, forward +
-backward with the head's matmuls: 1.21 s against 1.41 s).
+One table (no tensor-parallel group): `_SpanHeadCrossEntropy` fuses the head's matmul
+with the loss and computes only what counts: rows whose target is counted, and for each
+its state's columns (an image position: the image codebook's logits, not the whole
+vocabulary's). The loss and gradients are those of the full logits with forbidden ids at
+-inf; the work of the head shrinks with the share of image and audio positions.
+
+Vocabulary-parallel tensor parallelism (each rank holds a contiguous row range, `group`
+is the tensor-parallel group): `_ShardedCrossEntropy` all-reduces the row max, the sum
+of exponentials and the target logit over the group, so no rank ever holds
+full-vocabulary logits. Its backward is local: d ce / d logits = softmax - onehot on the
+rank's own columns.
 """
 from __future__ import annotations
 
@@ -65,20 +68,71 @@ class _ShardedCrossEntropy(torch.autograd.Function):
 
 
 FORBIDDEN = -1e30
-"""The logit bias of an id the grammar forbids, on the one-table path: exp(-1e30 - max) is
-exactly 0 in fp32, so the softmax is the masked one, and unlike -inf it keeps a row whose
-state allows nothing (no state does today; such a row is never counted) free of NaN."""
+"""The logit bias of an id the grammar forbids inside a column span the one-table head
+computes (`GrammarTables.spans`): exp(-1e30 - max) is exactly 0 in fp32, so the softmax
+over the span is the one over the state's allowed ids."""
 
 
-def _whole_table_cross_entropy(logits, bias, targets, counted, want_lse: bool):
-    """The one-table case of _ShardedCrossEntropy with torch's fused softmax cross-entropy
-    (log_softmax + nll: fewer passes over the [N,V] logits than the sharded Function):
-    (ce [N], 0 where not counted; lse [N] or None)."""
-    if bias is not None:
-        logits = logits + bias
-    ce = F.cross_entropy(logits, torch.where(counted, targets, torch.full_like(targets, -100)),
-                         ignore_index=-100, reduction="none")
-    return ce, (torch.logsumexp(logits, -1) if want_lse else None)
+class _SpanHeadCrossEntropy(torch.autograd.Function):
+    """The one-table head, fused: for each group of rows (one grammar state, or every
+    counted row under the plain softmax), logits over only the columns the group may
+    produce, then cross-entropy. A column span is a slice of the table (no copy) with a
+    FORBIDDEN bias on the few ids inside it the state forbids, or the state's allowed rows
+    gathered (`ids`). The full-vocabulary softmax of a row whose forbidden ids carry -inf
+    is exactly the softmax over its allowed ids, so this equals the masked loss over the
+    whole table while computing, for an image position, only the image codebook's logits.
+
+    (h [N,D], weight [V,D], groups [(rows [n], lo, hi, ids [k] or None, bias [hi-lo] or
+    None)], targets [N]) -> (ce [N], lse [N]) fp32, 0 on rows in no group. Every target of
+    a group's rows must be one of its columns (counted targets are). The matmuls run in
+    h's dtype, the softmax in fp32, as F.linear(h, weight).float() would. Backward runs once.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, groups, targets):
+        ce = torch.zeros(h.shape[0], device=h.device)
+        lse = torch.zeros(h.shape[0], device=h.device)
+        saved, plan = [], []
+        for rows, lo, hi, ids, bias in groups:
+            w = weight[lo:hi] if ids is None else weight.index_select(0, ids)
+            logits = F.linear(h.index_select(0, rows), w).float()  # [n, columns]
+            if bias is not None:
+                logits += bias
+            t = targets.index_select(0, rows)
+            col = (t - lo) if ids is None else torch.searchsorted(ids, t)
+            logp = torch.log_softmax(logits, -1)  # one fused pass; logp = logits - lse
+            target_logp = logp.gather(1, col[:, None]).squeeze(1)
+            ce.index_copy_(0, rows, -target_logp)
+            lse.index_copy_(0, rows, logits.gather(1, col[:, None]).squeeze(1) - target_logp)
+            saved += [rows, col, logp]
+            plan.append((lo, hi, ids))
+        ctx.plan, ctx.done = plan, False
+        ctx.save_for_backward(h, weight, *saved)
+        return ce, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ce, grad_lse):
+        if ctx.done:
+            raise RuntimeError("the grammar head's backward runs once (it reuses its saved softmax)")
+        ctx.done = True
+        h, weight, *saved = ctx.saved_tensors
+        grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(weight)
+        for g, (lo, hi, ids) in enumerate(ctx.plan):
+            rows, col, p = saved[3 * g: 3 * g + 3]
+            gce = grad_ce.index_select(0, rows)
+            # d(ce) = softmax - onehot(target), d(lse) = softmax; the softmax in place of logp
+            p.exp_().mul_((gce + grad_lse.index_select(0, rows))[:, None])
+            p.scatter_add_(1, col[:, None], -gce[:, None])
+            p = p.to(h.dtype)
+            hr = h.index_select(0, rows)
+            if ids is None:
+                grad_h.index_copy_(0, rows, p @ weight[lo:hi])
+                grad_w[lo:hi].addmm_(p.t(), hr)
+            else:
+                grad_h.index_copy_(0, rows, p @ weight.index_select(0, ids))
+                grad_w.index_add_(0, ids, p.t() @ hr)
+        return grad_h, grad_w, None, None
 
 
 class GrammarTables:
@@ -87,6 +141,7 @@ class GrammarTables:
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._spans: dict[str, list] = {}
 
     def get(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(allowed [n_states, V] bool, modality_of_id [V] int64) on device."""
@@ -95,6 +150,47 @@ class GrammarTables:
             self._cache[key] = (self.vocab.allowed_table().to(device),
                                 self.vocab.modality_table().to(device))
         return self._cache[key]
+
+    def spans(self, device) -> list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]:
+        """Per grammar state, the columns the one-table head computes: (lo, hi, ids, bias).
+        One allowed range: the slice [lo, hi). Several (text + <eot>; audio codebook 0 +
+        <eoa>): the slice from the first to the last with a FORBIDDEN bias on the ids
+        between them when those are few, else the allowed ids themselves (`ids`, sorted)."""
+        key = str(device)
+        if key not in self._spans:
+            out = []
+            for s in range(self.vocab.n_states):
+                ranges = self.vocab.allowed_ranges(s)
+                lo, hi = ranges[0][0], ranges[-1][1]
+                allowed = sum(b - a for a, b in ranges)
+                if len(ranges) == 1:
+                    out.append((lo, hi, None, None))
+                elif (hi - lo) - allowed <= max(64, allowed // 8):
+                    bias = torch.full((hi - lo,), FORBIDDEN)
+                    for a, b in ranges:
+                        bias[a - lo: b - lo] = 0.0
+                    out.append((lo, hi, None, bias.to(device)))
+                else:
+                    ids = torch.cat([torch.arange(a, b) for a, b in ranges])
+                    out.append((lo, hi, ids.to(device), None))
+            self._spans[key] = out
+        return self._spans[key]
+
+    def groups(self, states, counted, grammar: bool) -> list:
+        """The counted rows split for _SpanHeadCrossEntropy: one group per grammar state
+        present (grammar) or one group over the whole table. One host synchronisation."""
+        n_keys = self.vocab.n_states if grammar else 1
+        key = torch.where(counted, states if grammar else torch.zeros_like(states),
+                          torch.full_like(states, n_keys))
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=n_keys + 1).tolist()
+        spans = self.spans(states.device) if grammar else [(0, self.vocab.size, None, None)]
+        out, at = [], 0
+        for k in range(n_keys):
+            if counts[k]:
+                out.append((order[at: at + counts[k]], *spans[k]))
+            at += counts[k]
+        return out
 
 
 def grammar_loss(h, weight, vocab_start: int, states, targets, tables: GrammarTables,
@@ -106,24 +202,29 @@ def grammar_loss(h, weight, vocab_start: int, states, targets, tables: GrammarTa
     stats [N_STATS] fp32, detached: per-modality summed cross-entropy, then counts.
     A target counts unless it is <pad>, after a document's end, or (modality scope)
     forbidden by its position's grammar state.
+
+    Without a group (the whole table here) only counted rows are computed, each over the
+    columns its state allows (_SpanHeadCrossEntropy); with a tensor-parallel group every
+    row runs through the vocabulary-parallel softmax (_ShardedCrossEntropy).
     """
     h, states, targets = h.reshape(-1, h.shape[-1]), states.reshape(-1), targets.reshape(-1)
     allowed, modality_of_id = tables.get(h.device)
     vs = weight.shape[0]
     grammar = loss_scope != "full"  # "target" has dropped its prompt targets already
     counted = tables.vocab.counted_targets(states, targets, grammar, allowed)
-    bias = None
-    if grammar:
-        shard_allowed = allowed[:, vocab_start: vocab_start + vs]  # [n_states, Vs]
-        # sharded: -inf (its forward copes with rows where nothing is allowed); one table:
-        # FORBIDDEN, finite, so such rows stay finite through log_softmax
-        forbidden = float("-inf") if group is not None else FORBIDDEN
-        bias = torch.zeros(shard_allowed.shape, device=h.device).masked_fill_(~shard_allowed, forbidden)
-        bias = bias[states]  # [N,Vs]
-    logits = F.linear(h, weight).float()  # [N,Vs]
     if group is None:
-        ce, lse = _whole_table_cross_entropy(logits, bias, targets, counted, z_loss > 0)
+        if vocab_start != 0 or vs != tables.vocab.size:
+            raise ValueError(f"a head without a tensor-parallel group holds the whole table "
+                             f"({tables.vocab.size} rows from 0), got {vs} rows from {vocab_start}")
+        ce, lse = _SpanHeadCrossEntropy.apply(h, weight, tables.groups(states, counted, grammar), targets)
     else:
+        bias = None
+        if grammar:
+            shard_allowed = allowed[:, vocab_start: vocab_start + vs]  # [n_states, Vs]
+            # -inf: the Function's forward copes with rows where nothing is allowed
+            bias = torch.zeros(shard_allowed.shape, device=h.device).masked_fill_(~shard_allowed, float("-inf"))
+            bias = bias[states]  # [N,Vs]
+        logits = F.linear(h, weight).float()  # [N,Vs]
         local = targets - vocab_start
         target_col = torch.where((local >= 0) & (local < vs), local, torch.full_like(local, -1))
         ce, lse = _ShardedCrossEntropy.apply(logits, bias, target_col, group)

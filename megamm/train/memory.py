@@ -28,8 +28,8 @@ What each item counts (bytes per rank; P = parameters of the rank, dp = data par
                         gradient before the reduce-scatter
     activations         saved tensors of every layer (with checkpointing: each layer's input
                         plus one layer recomputed)
-    logits and loss     the widest grammar-allowed logits block of a micro-batch: 16-bit and
-                        fp32 logits and their gradients
+    logits and loss     the widest grammar-allowed logits block of a micro-batch (with tp: the
+                        whole vocabulary shard): 16-bit and fp32 logits and their gradients
     baseline            the process before any tensor: interpreter + torch + DeepSpeed (+ its
                         C++ ops); on a GPU also the CUDA context
 
@@ -328,11 +328,14 @@ def _activations(add, cfg, layout, B, S, checkpointing, a):
 
 
 def _logits(add, cfg, layout, B, S, a):
-    """The widest logits block of the loss: text (text ids + <eot>) under the modality
-    grammar, the whole padded vocabulary under loss_scope "full"."""
+    """The widest logits block of the loss: without tensor parallelism under the modality
+    grammar, the text block (text ids + <eot>: the one-table head computes each position's
+    allowed columns only, megamm.model.loss); otherwise the whole padded vocabulary, split
+    over the tp ranks (the vocabulary-parallel softmax holds every column of its shard)."""
     v = cfg.vocab
-    width = (max(v.text_size + 1, v.image_codes, v.audio_codebook_size + 1)
-             if cfg.loss_scope != "full" else _shapes(cfg).vocab_rows)
-    width = math.ceil(width / layout.tp)
+    if cfg.loss_scope != "full" and layout.tp == 1:
+        width = max(v.text_size + 1, v.image_codes, v.audio_codebook_size + 1)
+    else:
+        width = math.ceil(_shapes(cfg).vocab_rows / layout.tp)
     add("logits and loss", "gpu", B * S * width * (2 * a + 2 * 4),
         f"{width:,} columns: {a}-byte + fp32 logits and their grads")

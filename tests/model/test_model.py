@@ -98,15 +98,22 @@ def test_loss_gradients_equal_those_of_the_masked_cross_entropy(scope, z):
         torch.testing.assert_close(g_got[n], g_want[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+# audio codebook 0's ids sit 97 ids after <eoa> (9 unnamed specials + 96 image codes): the
+# head gathers that state's rows instead of spanning the gap (VOCAB spans it with a bias)
+WIDE_GAP = VocabConfig(text_size=40, n_special=10, image_codes=96, image_tokens=4, audio_codebooks=2,
+                       audio_codebook_size=8, pad_multiple=8)
+
+
+@pytest.mark.parametrize("vocab_cfg", [VOCAB, WIDE_GAP], ids=["bias", "gather"])
 @pytest.mark.parametrize("scope", ["modality", "full"])
-def test_one_table_loss_equals_the_sharded_function_on_one_rank(scope):
-    """grammar_loss without a group (torch's fused cross-entropy, finite bias) against the
-    vocabulary-parallel Function run with the whole table and no group: same loss, stats,
-    z-loss and gradients, on rows whose targets are random ids (many forbidden by the
-    grammar, so not counted) and <pad> targets at the rows' ends."""
+def test_one_table_loss_equals_the_sharded_function_on_one_rank(scope, vocab_cfg):
+    """grammar_loss without a group (counted rows only, each over its state's columns)
+    against the vocabulary-parallel Function run with the whole table, a -inf mask and no
+    group: same loss, stats, z-loss and gradients, on rows whose targets are random ids
+    (many forbidden by the grammar, so not counted) and <pad> targets at the rows' ends."""
     from megamm.model.loss import GrammarTables, _ShardedCrossEntropy, grammar_loss
 
-    v = Vocab(VOCAB)
+    v = Vocab(vocab_cfg)
     x, y = packed_batch(v, seed=9)
     y = torch.where(torch.rand(y.shape, generator=torch.Generator().manual_seed(0)) < 0.3,
                     torch.randint(0, v.used_size, y.shape, generator=torch.Generator().manual_seed(1)), y)
@@ -131,20 +138,68 @@ def test_one_table_loss_equals_the_sharded_function_on_one_rank(scope):
     torch.testing.assert_close(stats[:len(stats) // 2].sum(), ce[counted].sum().detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad, hr.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-6)
+    assert (h.grad.reshape(counted.shape[0], -1)[~counted] == 0).all()  # uncounted rows: untouched
 
 
-def test_one_table_loss_stays_finite_where_the_grammar_allows_nothing():
-    """No state of today's grammar allows nothing, but such a row (never counted) must not
-    turn the gradient into NaN: the one-table path's forbidden bias is finite."""
-    from megamm.model.loss import FORBIDDEN, _whole_table_cross_entropy
+def test_head_columns_are_exactly_each_states_allowed_ids():
+    """The one-table head computes, per grammar state, a set of columns whose unbiased
+    ones are exactly the ids the state allows; forbidden columns inside a span carry
+    FORBIDDEN. Both layouts occur: a biased span (text + <eot>) and gathered rows."""
+    from megamm.config import get_preset
+    from megamm.model.loss import FORBIDDEN, GrammarTables
 
-    logits = torch.randn(3, 5, requires_grad=True)
-    bias = torch.zeros(3, 5)
-    bias[1] = FORBIDDEN
-    ce, lse = _whole_table_cross_entropy(logits, bias, torch.tensor([0, 0, 2]), torch.tensor([True, False, True]), True)
-    (ce.sum() + lse[[0, 2]].sum()).backward()
-    assert ce[1] == 0 and torch.isfinite(ce).all() and torch.isfinite(logits.grad).all()
-    assert logits.grad[1].abs().max() == 0
+    for cfg, want_kinds in ((VOCAB, {"slice", "bias"}), (WIDE_GAP, {"slice", "bias", "gather"}),
+                            (get_preset("small").vocab, {"slice", "bias", "gather"})):
+        v = Vocab(cfg)
+        kinds = set()
+        for s, (lo, hi, ids, bias) in enumerate(GrammarTables(v).spans("cpu")):
+            cols = torch.arange(lo, hi) if ids is None else ids
+            if bias is not None:
+                assert set(bias.unique().tolist()) == {0.0, torch.tensor(FORBIDDEN).item()}
+                cols = cols[bias == 0]
+            assert torch.equal(cols, v.allowed_mask(s).nonzero().flatten()), (cfg, s)
+            kinds.add("gather" if ids is not None else "bias" if bias is not None else "slice")
+        assert kinds == want_kinds, cfg
+
+
+def test_one_table_loss_in_bf16_follows_the_dense_masked_softmax():
+    """bf16 activations and table (what training under bf16 runs): the fused head's loss
+    and gradients match F.linear(h, w).float() with a -inf mask to bf16 precision."""
+    from megamm.model.loss import GrammarTables, grammar_loss
+
+    v = Vocab(VOCAB)
+    x, y = packed_batch(v, rows=4, seed=11)
+    states = v.states(x)
+    g = torch.Generator().manual_seed(3)
+    h0, w0 = torch.randn(x.numel(), 32, generator=g).bfloat16(), (torch.randn(v.size, 32, generator=g) * 0.3).bfloat16()
+    h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    loss, _ = grammar_loss(h, w, 0, states, y, GrammarTables(v), "modality", 0.01)
+    loss.backward()
+    hr, wr = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    logits = F.linear(hr, wr).float().masked_fill(~v.allowed_table()[states.reshape(-1)], float("-inf"))
+    counted = v.counted_targets(states.reshape(-1), y.reshape(-1))
+    want = (F.cross_entropy(logits, y.reshape(-1), reduction="none") + 0.01 * torch.logsumexp(logits, -1) ** 2)[counted].sum()
+    want.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-3)
+    for got, ref in ((h.grad, hr.grad), (w.grad, wr.grad)):
+        scale = ref.float().abs().max()
+        assert (got.float() - ref.float()).abs().max() <= 2e-2 * scale
+
+
+def test_one_table_head_backward_runs_once():
+    """The head's backward turns its saved softmax into the gradient in place: a second
+    backward through a retained graph is refused, not silently wrong."""
+    from megamm.model.loss import GrammarTables, grammar_loss
+
+    v = Vocab(VOCAB)
+    x, y = packed_batch(v, seed=2)
+    h = torch.randn(x.numel(), 8, requires_grad=True)
+    w = torch.randn(v.size, 8, requires_grad=True)
+    loss, _ = grammar_loss(h, w, 0, v.states(x), y, GrammarTables(v), "modality")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
 
 
 def test_target_scope_counts_only_the_output_segments():
