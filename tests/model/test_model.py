@@ -262,6 +262,41 @@ def test_packed_documents_do_not_see_each_other_and_positions_restart():
     torch.testing.assert_close(packed[:, len(a):], alone_b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_packed_by_document_equals_the_masked_dense_one(kv_heads, monkeypatch):
+    """The sdpa path's document packing (each document a row of its own, rows bucketed by
+    length, is_causal) against one masked attention over the packed rows: same output and
+    gradients, on rows with several documents, one document, and a row starting mid-document
+    (doc id 0 before its first <bos>); and an answer cached per batch is not reused once the
+    doc ids change in place."""
+    import megamm.model.attention as A
+
+    doc = torch.tensor([[1] * 5 + [2] * 20 + [3] * 3 + [4] * 12 + [5] * 8,
+                        [1] * 48,
+                        [0] * 7 + [1] * 30 + [2] * 11])
+    g = torch.Generator().manual_seed(0)
+    q0 = torch.randn(3, 48, 4, 8, generator=g)
+    k0, v0 = torch.randn(3, 48, kv_heads, 8, generator=g), torch.randn(3, 48, kv_heads, 8, generator=g)
+    runs = {}
+    for name, share in (("dense", -1.0), ("packed", 10.0)):
+        monkeypatch.setattr(A, "PACK_BELOW", share)
+        d = doc.clone()  # a new tensor: no cached answer
+        packed = A._segments(d)
+        assert (packed is None) == (name == "dense")
+        if packed:
+            assert len(packed[2]) >= 3 and sum(n for n, _ in packed[2]) == 9  # 9 segments, several buckets
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        out = A.attend(q, k, v, d)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs[name] = (out.detach(), q.grad, k.grad, v.grad)
+    for got, want in zip(runs["packed"], runs["dense"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    d = doc.clone()
+    first = A._segments(d)
+    d[1, 24:] = 2  # the one-document row now holds two: the cached answer must not be reused
+    assert A._segments(d)[1].shape == first[1].shape and sum(n for n, _ in A._segments(d)[2]) == 10
+
+
 def test_attention_is_causal():
     m = build_model(CFG, seed=0)
     x, _ = packed_batch(m.vocab, rows=1)
