@@ -73,6 +73,14 @@ computes (`GrammarTables.spans`): exp(-1e30 - max) is exactly 0 in fp32, so the 
 over the span is the one over the state's allowed ids."""
 
 
+def _pad_rows(t, multiple: int = 16):
+    """t [n, k] with zero rows appended up to a multiple of 16. CPU GEMMs whose output has a
+    handful of rows (5-11 seen) round differently with the thread count; a state's group can
+    be that small, and launchers that pick different thread counts must train the same curve."""
+    extra = -t.shape[0] % multiple
+    return F.pad(t, (0, 0, 0, extra)) if extra else t
+
+
 class _SpanHeadCrossEntropy(torch.autograd.Function):
     """The one-table head, fused: for each group of rows (one grammar state, or every
     counted row under the plain softmax), logits over only the columns the group may
@@ -95,7 +103,7 @@ class _SpanHeadCrossEntropy(torch.autograd.Function):
         saved, plan = [], []
         for rows, lo, hi, ids, bias in groups:
             w = weight[lo:hi] if ids is None else weight.index_select(0, ids)
-            logits = F.linear(h.index_select(0, rows), w).float()  # [n, columns]
+            logits = F.linear(_pad_rows(h.index_select(0, rows)), w)[: rows.numel()].float()  # [n, columns]
             if bias is not None:
                 logits += bias
             t = targets.index_select(0, rows)
@@ -124,14 +132,14 @@ class _SpanHeadCrossEntropy(torch.autograd.Function):
             # d(ce) = softmax - onehot(target), d(lse) = softmax; the softmax in place of logp
             p.exp_().mul_((gce + grad_lse.index_select(0, rows))[:, None])
             p.scatter_add_(1, col[:, None], -gce[:, None])
-            p = p.to(h.dtype)
-            hr = h.index_select(0, rows)
+            p, hr, n = _pad_rows(p.to(h.dtype)), _pad_rows(h.index_select(0, rows)), rows.numel()
+            gw = (hr.t() @ p).t()  # [columns, D], computed with D (not the column count) as rows
             if ids is None:
-                grad_h.index_copy_(0, rows, p @ weight[lo:hi])
-                grad_w[lo:hi].addmm_(p.t(), hr)
+                grad_h.index_copy_(0, rows, (p @ weight[lo:hi])[:n])
+                grad_w[lo:hi] += gw
             else:
-                grad_h.index_copy_(0, rows, p @ weight.index_select(0, ids))
-                grad_w.index_add_(0, ids, p.t() @ hr)
+                grad_h.index_copy_(0, rows, (p @ weight.index_select(0, ids))[:n])
+                grad_w.index_add_(0, ids, gw)
         return grad_h, grad_w, None, None
 
 
