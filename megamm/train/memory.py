@@ -262,7 +262,11 @@ def estimate(cfg: ModelConfig, ds_cfg: dict, layout: Layout, micro_batch: int, s
         # The model is first built whole (fp32 under ZeRO 0-2, converted by DeepSpeed; in the
         # model dtype module by module under zero.Init) and freed; glibc keeps freed heap
         # pages of the (< 32 MB) tensors resident, so on CPU that copy stays in the peak RSS.
-        built = P * (4 if stage < 3 else prec.model)
+        # Under zero.Init about every other run keeps one more block of that size resident
+        # (small, zero3_offload, bf16: peak RSS 2.89 GB or 3.14-3.26 GB over 7 identical runs,
+        # the same before and after issue 11's head and attention changes); a peak estimate
+        # takes the larger, i.e. 4 bytes a parameter in every stage.
+        built = P * 4
         add("model construction copy", "host", built, "freed, kept resident by the CPU allocator")
         add("baseline", "host", CPU_PROCESS_BASELINE, "python + torch + deepspeed, measured")
     else:
