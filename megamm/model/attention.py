@@ -49,6 +49,16 @@ bucket's longest one (so padding at most doubles a bucket's work)."""
 _segments_cache: list = [None, -1, None]  # (doc_ids tensor, its version, _segments' answer)
 
 
+def _segment_starts(doc_ids):
+    """doc_ids [B,S] -> (change [B*S] bool, starts [n]): the flattened positions where a
+    segment (a run of one document inside one row) begins; every row starts one."""
+    B, S = doc_ids.shape
+    flat = (doc_ids + torch.arange(B, device=doc_ids.device)[:, None] * (S + 1)).reshape(-1)
+    change = torch.ones_like(flat, dtype=torch.bool)
+    change[1:] = flat[1:] != flat[:-1]
+    return change, torch.nonzero(change).flatten()
+
+
 def _segments(doc_ids):
     """doc_ids [B,S] -> None when every row holds one document or packing saves too little
     (PACK_BELOW), else (index [T], inverse [B*S], buckets [(n, L)]): the batch's segments
@@ -62,16 +72,13 @@ def _segments(doc_ids):
         return _segments_cache[2]
     B, S = doc_ids.shape
     dev = doc_ids.device
-    flat = (doc_ids + torch.arange(B, device=dev)[:, None] * (S + 1)).reshape(-1)
-    change = torch.ones_like(flat, dtype=torch.bool)
-    change[1:] = flat[1:] != flat[:-1]
-    starts = torch.nonzero(change).flatten()
+    change, starts = _segment_starts(doc_ids)
     lengths = torch.diff(starts, append=torch.tensor([B * S], device=dev)).tolist()
     out = None
     if len(lengths) > B:
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         slot_start = [0] * len(lengths)
-        buckets, at, work = [], 0, 0
+        buckets, at = [], 0
         for i in order:
             if not buckets or lengths[i] < BUCKET_RATIO * buckets[-1][1]:
                 buckets.append([0, lengths[i]])
@@ -130,11 +137,8 @@ def _flash(q, k, v, doc_ids):
     from flash_attn import flash_attn_varlen_func
 
     B, S, H, Dh = q.shape
-    # one sequence per (row, document): boundaries where the doc id changes
-    flat_doc = (doc_ids + torch.arange(B, device=q.device)[:, None] * (S + 1)).reshape(-1)
-    change = torch.ones_like(flat_doc, dtype=torch.bool)
-    change[1:] = flat_doc[1:] != flat_doc[:-1]
-    starts = torch.nonzero(change).flatten()
+    # one sequence per (row, document)
+    _, starts = _segment_starts(doc_ids)
     cu = torch.cat([starts, torch.tensor([B * S], device=q.device)]).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
     out = flash_attn_varlen_func(q.reshape(B * S, H, Dh), k.reshape(B * S, -1, Dh),
