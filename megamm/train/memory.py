@@ -263,7 +263,7 @@ def estimate(cfg: ModelConfig, ds_cfg: dict, layout: Layout, micro_batch: int, s
         # model dtype module by module under zero.Init) and freed; glibc keeps freed heap
         # pages of the (< 32 MB) tensors resident, so on CPU that copy stays in the peak RSS.
         # Under zero.Init the peak is bimodal across identical runs: about every other run keeps
-        # one more block of 2 bytes a parameter resident (small, zero3_offload, bf16: 2.83-2.92 GB
+        # one more block of 2 bytes a parameter resident (small, zero3_offload, bf16: 2.83-2.93 GB
         # or 3.14-3.26 GB over 14 runs; a malloc_trim before deepspeed.initialize did not remove
         # it). Counting either mode leaves the other outside 10% (2.85 vs 3.26, 3.14 vs 2.83), so
         # the estimate sits between them: 3 bytes a parameter (both modes within 9%).

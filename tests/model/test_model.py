@@ -382,7 +382,8 @@ def test_one_table_head_is_bitwise_the_same_with_one_or_two_threads():
     ids = []
     while len(ids) < 3 * 65:
         ids += synthetic_document(v, rng)
-    x, y = torch.tensor(ids[:3 * 65]).view(3, 65)[:, :-1], torch.tensor(ids[:3 * 65]).view(3, 65)[:, 1:]
+    rows = torch.tensor(ids[:3 * 65]).view(3, 65)
+    x, y = rows[:, :-1], rows[:, 1:]
     states = v.states(x)
     sizes = torch.bincount(states.flatten(), minlength=v.n_states)
     assert ((sizes >= 5) & (sizes <= 11)).any()  # some state's group is in the sensitive range
