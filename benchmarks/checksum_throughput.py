@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from megamm.data.shards import ShardReader, ShardWriter
-from megamm.train import manifest
+from megamm.checkpoint import manifest
 
 
 def best_of(fn, repeat: int = 3) -> float:

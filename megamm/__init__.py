@@ -11,7 +11,9 @@ def load_model(path):
     Returns the model; its config is `model.config`. Calling it on token ids
     `[batch, seq]` returns logits `[batch, seq, vocab]`.
     """
-    from megamm.train.checkpoint import load_model as _load
+    # imported on call, so that `import megamm` (and every tool that reads only configs)
+    # does not load torch and the checkpoint package
+    from megamm.checkpoint import load_model as _load
 
     return _load(path)
 

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megamm.checkpoint import CheckpointError, load_model, read_meta, tokenizers_dir, verified_checkpoint_dir
 from megamm.model.kv_cache import KVCache
+from megamm.tokenizers import Tokenizers
 from megamm.vocab import State, Vocab
 
 
@@ -239,10 +241,6 @@ class MultimodalGenerator:
 def load_generator(checkpoint, device="cpu") -> MultimodalGenerator:
     """A MultimodalGenerator from a checkpoint directory alone (save dir or step dir):
     the weights of any layout, consolidated, and the tokenizers the checkpoint carries."""
-    from megamm.tokenizers import Tokenizers
-    from megamm.train.checkpoint import CheckpointError, load_model, read_meta, tokenizers_dir, \
-        verified_checkpoint_dir
-
     ckpt = verified_checkpoint_dir(checkpoint)
     tok_dir = tokenizers_dir(ckpt, read_meta(ckpt))
     if tok_dir is None:

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
+from megamm.checkpoint import META_FILE, manifest
 from megamm.config import ConfigError, ModelConfig, get_preset
 from megamm.hf import ConversionError, extend_vocab, from_hf, model_config_from_hf
 from megamm.hf_folder import MODALITIES_FILE, TOKENIZERS_DIR, load_safetensors, staged_output, write_json
-from megamm.train import manifest
-from megamm.train.checkpoint import META_FILE
 
 MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's ZeRO-0, tp=1 model file
 

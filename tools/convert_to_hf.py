@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megamm.checkpoint import checkpoint_dir, consolidated_state_dict, read_meta, tokenizers_dir
 from megamm.config import ConfigError, ModelConfig
 from megamm.hf import exports_tied, generation_config, hf_config, to_hf
 from megamm.hf_folder import (DTYPES, HF_DTYPE_NAMES, MODALITIES_FILE, copy_tokenizers, modalities,
@@ -38,8 +39,6 @@ def parse_size(text: str) -> int:
 def convert(checkpoint: Path, out: Path, dtype: str = "fp32", max_shard_bytes: int = 5 * 10**9,
             force: bool = False, log=print) -> Path:
     """The conversion behind the command line; returns the folder written."""
-    from megamm.train.checkpoint import checkpoint_dir, consolidated_state_dict, read_meta, tokenizers_dir
-
     ckpt = checkpoint_dir(checkpoint)
     meta = read_meta(ckpt)
     if "model" not in meta:

@@ -6,7 +6,7 @@
 DIR is a save dir (its `latest` checkpoint is taken) or one step dir, written under ZeRO
 stage 1, 2 or 3 in any tensor/pipeline/data-parallel layout (or an earlier output of
 this tool). OUT becomes a save dir with one checkpoint, `step<K>` at the step DIR had
-reached, in DeepSpeed's universal layout (megamm/train/universal.py): every parameter's
+reached, in DeepSpeed's universal layout (megamm/checkpoint/ds/universal.py): every parameter's
 fp32 weight and Adam moments whole, Adam's step and hyper-parameters, the lr schedule,
 DeepSpeed's step counters, the data loader's position and the RNG states. Then
 
@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 
+from megamm.checkpoint import LATEST, META_FILE, CheckpointError, ds, manifest, read_meta, verified_checkpoint_dir
+from megamm.checkpoint.ds import universal
 from megamm.config import ConfigError, ModelConfig
 from megamm.hf_folder import staged_output
+from megamm.model import Transformer
 from megamm.parallel.tensor_parallel import shard_dim
 from megamm.parallel.topology import Topology
-from megamm.train import manifest, universal
-from megamm.train.checkpoint import LATEST, META_FILE, CheckpointError, read_meta, verified_checkpoint_dir
 
 
 def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
@@ -77,8 +78,6 @@ def rng_sources(old: Topology, tp: int, pp: int) -> dict[int, int]:
 def write_step(state, step_dir: Path, tp: int, pp: int, log) -> int:
     """Write the universal checkpoint of `state` for tp, pp into step_dir; returns the
     number of parameters."""
-    from megamm.model import Transformer
-
     cfg = state.config
     with torch.device("meta"):
         expected = {n: p.shape for n, p in Transformer(cfg, device="meta").named_parameters()}
@@ -92,8 +91,7 @@ def write_step(state, step_dir: Path, tp: int, pp: int, log) -> int:
             if t.shape != expected[name]:
                 raise CheckpointError(f"{state.ckpt}: {name} ({key}) is {list(t.shape)}, the model's is "
                                       f"{list(expected[name])}")
-        universal.write_param(step_dir, universal.engine_name(name, cfg.n_layers, pp), tensors,
-                              shard_dim(name) or 0, state.step)
+        universal.write_param(step_dir, name, tensors, shard_dim(name) or 0, state.step)
         if (i + 1) % 50 == 0:
             log(f"  {i + 1}/{len(state.names)} parameters")
     universal.write_optimizer_state(step_dir, state.global_state, state.param_groups, state.step)
@@ -102,8 +100,6 @@ def write_step(state, step_dir: Path, tp: int, pp: int, log) -> int:
 
 def reshard(checkpoint: Path, out: Path, tp: int, pp: int, force: bool = False, log=print) -> Path:
     """The conversion behind the command line; returns the save dir written."""
-    from megamm.train.training_state import open_training_state
-
     ckpt = verified_checkpoint_dir(checkpoint)
     meta = read_meta(ckpt)
     if "model" not in meta:
@@ -114,7 +110,8 @@ def reshard(checkpoint: Path, out: Path, tp: int, pp: int, force: bool = False, 
     layout = meta.get("topology", {})
     old = Topology(*(int(layout.get(k, 1)) for k in ("tp", "pp", "dp")))
     try:
-        state = open_training_state(ckpt)
+        state = ds.read(ckpt)
+        state.require_optimizer_state()
         step = int(state.model_states["step"])
         records = dict(state.model_states, module=None, mp_world_size=1,
                        loader=loader_position(state.model_states, old.dp))

@@ -52,13 +52,15 @@ def shard_dim(name: str) -> int | None:
     return None
 
 
+def merge_shard(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Tensor-parallel shards of parameter `name`, in tp rank order -> the whole tensor."""
+    dim = shard_dim(name)
+    return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim)
+
+
 def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """State dicts of tp ranks 0..tp-1 (plain-model names) -> one full state dict."""
-    out = {}
-    for name, t in shards[0].items():
-        dim = shard_dim(name)
-        out[name] = t if dim is None or len(shards) == 1 else torch.cat([s[name] for s in shards], dim)
-    return out
+    return {name: merge_shard(name, [s[name] for s in shards]) for name in shards[0]}
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,13 @@
 """Surviving bad steps: a step whose loss or gradient norm is not finite changes nothing,
 is counted, and too many in a row stop the run.
 
-How the skip happens (DeepSpeed 0.19.8, read from its source). At the gradient
-accumulation boundary each optimizer wrapper checks the gradients before it touches
-any state, and on inf/NaN clears them and returns: fp32 master weights, the bf16/fp16
-copies, the Adam moments and step count stay as they were; the engine then counts
-`engine.skipped_steps`, reports `engine.was_step_applied() == False` and does not step
-the LR scheduler.
-  - ZeRO-1/2 (zero/stage_1_and_2.py `step`): `check_overflow()` when
-    `check_grad_overflow` (fp16 always; bf16 from `bf16.check_grad_overflow`, default
-    true; fp32 never), and a non-finite global norm counts as overflow unless the
-    dtype is bf16 with the check off;
-  - ZeRO-3 (zero/stage3.py `step`): a non-finite global norm, any dtype;
-  - ZeRO-0 bf16 (bf16_optimizer.py `step`) and fp16 (the loss scaler): the same;
-  - ZeRO-0 fp32: the torch optimizer steps unconditionally; no skip exists.
-So megamm does not re-implement the skip: `prepare_config` makes sure DeepSpeed's is
-on (and refuses ZeRO-0 fp32), and BadStepGuard feeds it and counts it:
+DeepSpeed does the skip itself (megamm.checkpoint.ds.hooks says how, per ZeRO stage and
+precision); megamm does not re-implement it. `prepare_config` switches it on (refusing
+configs where DeepSpeed cannot skip), and BadStepGuard feeds it and counts it:
   - `loss_for_backward(loss, step)`: a non-finite micro-batch loss becomes NaN
     gradients (the loss times NaN), so a bad loss on any rank is a bad gradient norm
     on every rank after the reduction;
-  - `after_step(engine)` -> {"skipped_steps": total}: reads was_step_applied();
+  - `after_step(engine)` -> {"skipped_steps": total}: whether DeepSpeed applied the step;
   - `may_save()`: False while the last step was skipped, so every checkpoint follows
     an applied step and the last good one is never replaced by a later one;
   - `stop_if_exhausted()`: BadStepsError after `max_bad` consecutive skipped steps.
@@ -36,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megamm.checkpoint import ds
 from megamm.config import ConfigError
 
 FAULT_ENV = "MEGAMM_FAULT_NAN_STEPS"
@@ -45,20 +34,8 @@ class BadStepsError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
-def prepare_config(ds_cfg: dict) -> dict:
-    """ds_cfg with DeepSpeed's non-finite-gradient skip switched on; ConfigError where
-    DeepSpeed cannot skip a step (ZeRO-0 in fp32) or the config turns the check off."""
-    stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
-    bf16, fp16 = ds_cfg.get("bf16", {}), ds_cfg.get("fp16", {})
-    if bf16.get("enabled"):
-        if bf16.get("check_grad_overflow") is False:
-            raise ConfigError("bf16.check_grad_overflow is false in the DeepSpeed config: steps with "
-                              "non-finite gradients would be applied; remove it")
-        ds_cfg = {**ds_cfg, "bf16": {**bf16, "check_grad_overflow": True}}
-    elif stage == 0 and not fp16.get("enabled"):
-        raise ConfigError("ZeRO stage 0 in fp32 cannot skip a step with non-finite gradients; "
-                          "use ZeRO stage >= 1 or bf16/fp16")
-    return ds_cfg
+prepare_config = ds.enable_step_skip
+"""ds_cfg with DeepSpeed's non-finite-gradient skip on; ConfigError where it cannot skip."""
 
 
 def parse_steps(text: str) -> frozenset[int]:
@@ -109,12 +86,12 @@ class BadStepGuard:
 
     def after_step(self, engine, step: int) -> dict:
         """Record whether optimizer step `step` was applied; the metrics it adds."""
-        if engine.was_step_applied():
+        if ds.step_applied(engine):
             self.consecutive = 0
         else:
             self.consecutive += 1
             self.first_bad = step if self.consecutive == 1 else self.first_bad
-        return {"skipped_steps": int(engine.skipped_steps)}
+        return {"skipped_steps": ds.skipped_steps(engine)}
 
     def may_save(self) -> bool:
         return self.consecutive == 0

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 
+from megamm.checkpoint.ds.pipeline import pipeline_module
 from megamm.config import ConfigError, ModelConfig
 from megamm.model.loss import N_STATS, GrammarTables
 from megamm.parallel.build import build_transformer
 from megamm.parallel.distributed import all_reduce_sum
+from megamm.parallel.pipeline import pipeline_layers
 from megamm.parallel.tensor_parallel import TensorParallel
 from megamm.parallel.topology import ParallelGroups, Topology
 from megamm.train import ds_config
@@ -151,8 +154,6 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
                   init_state: dict | None = None) -> Trainer:
     """The engine for this rank's part of the model under `ds_cfg`; `init_state` (the
     whole plain model's weights, megamm.train.init_from) replaces the initial weights."""
-    import deepspeed
-
     topo = groups.topo
     tp = (TensorParallel(groups.tp_group, groups.tp_rank, topo.tp, sequence_parallel)
           if topo.tp > 1 else None)
@@ -161,11 +162,10 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # noqa: E731
     pipeline_loss = None
     if topo.pp > 1:
-        from megamm.parallel.pipeline import build_pipeline
-
-        model, pipeline_loss = build_pipeline(cfg, topo, tp, device, seed)
+        specs, sizes, pipeline_loss = pipeline_layers(cfg, tp, device, seed)
+        model = pipeline_module(specs, sizes, pipeline_loss, topo)
         if init_state is not None:
-            copy_into(model, init_state, cfg.n_layers, groups.tp_rank, topo.tp, pipeline=True)
+            copy_into(model, init_state, groups.tp_rank, topo.tp)
         engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, lr_scheduler=scheduler,
                                                model_parameters=[p for p in model.parameters() if p.requires_grad])
     else:
@@ -175,7 +175,7 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
         model = (build_transformer(cfg, "cpu", seed, tp, dtype=_dtype(ds_cfg)) if zero3
                  else build_transformer(cfg, device, seed, tp))
         if init_state is not None:
-            copy_into(model, init_state, cfg.n_layers, groups.tp_rank, topo.tp, pipeline=False)
+            copy_into(model, init_state, groups.tp_rank, topo.tp)
         if zero3:
             deepspeed.zero.Init(module=model, config_dict_or_path=ds_cfg, data_parallel_group=groups.dp_group)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,

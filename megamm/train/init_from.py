@@ -1,17 +1,19 @@
 """`launch/train.py --init-from DIR`: start a run from another checkpoint's weights.
 
 The checkpoint (any ZeRO stage, tp, pp; or a convert_from_hf output) is read as the
-whole plain model's fp32 state dict on every rank (`load_init_state`); then, before
-DeepSpeed wraps the freshly built model, each parameter receives its part of the full
-tensor (`copy_into`): its tensor-parallel shard (megamm.parallel.shard_dim) under the
-plain name (pipeline stages map theirs with megamm.parallel.pipeline.plain_name).
-Optimizer, schedule, step and data position start fresh.
+whole plain model's fp32 state dict on every rank (`load_init_state`, through
+megamm.checkpoint's one consolidation path); then, before DeepSpeed wraps the freshly
+built model, each parameter receives its part of the full tensor (`copy_into`): its
+tensor-parallel shard (megamm.parallel.shard_dim). Parameter names are the plain
+model's under every layout, pipeline stages included. Optimizer, schedule, step and
+data position start fresh.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from megamm.checkpoint import checkpoint_dir, consolidated_state_dict, read_meta
 from megamm.config import ConfigError, ModelConfig
 from megamm.parallel.tensor_parallel import shard_dim
 
@@ -20,8 +22,6 @@ ARCHITECTURE = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "voca
 
 def load_init_state(path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The plain fp32 weights of checkpoint `path`, checked against the run's model."""
-    from megamm.train.checkpoint import checkpoint_dir, consolidated_state_dict, read_meta
-
     ckpt = checkpoint_dir(path)
     theirs = ModelConfig.from_dict(read_meta(ckpt)["model"])
     for name in ARCHITECTURE:
@@ -31,22 +31,10 @@ def load_init_state(path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(ckpt)
 
 
-def plain_names(model: nn.Module, n_layers: int, pipeline: bool):
-    """(parameter, its plain-model name) for every parameter of this rank's model."""
-    from megamm.parallel.pipeline import plain_name
-
-    for name, p in model.named_parameters():
-        if pipeline:
-            layer, key = name.split(".", 1)  # PipelineModule registers layer i as "i"
-            name = plain_name(int(layer), n_layers, key)
-        yield name, p
-
-
 @torch.no_grad()
-def copy_into(model: nn.Module, full: dict[str, torch.Tensor], n_layers: int, tp_rank: int, tp_size: int,
-              pipeline: bool) -> None:
+def copy_into(model: nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> None:
     """Overwrite this rank's parameters with their shards of the full state dict."""
-    for name, p in plain_names(model, n_layers, pipeline):
+    for name, p in model.named_parameters():
         if name not in full:
             raise ConfigError(f"--init-from: the checkpoint has no weight {name}")
         t = full[name]

@@ -10,7 +10,7 @@ import megamm
 from megamm.hf import fold_modality
 from megamm.hf_folder import MODALITIES_FILE, save_sharded, write_json
 from megamm.hf import exports_tied, hf_config, to_hf
-from megamm.train.checkpoint import checkpoint_dir, consolidated_state_dict
+from megamm.checkpoint import checkpoint_dir, consolidated_state_dict
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,9 @@ import torch
 from checkpoints import ROOT, run_train, tool
 
 import megamm
-from megamm.train import manifest
+from megamm.checkpoint import ds, manifest
+from megamm.checkpoint.ds import universal
+from megamm.config import ConfigError
 
 BASE = ["--seq-len", 32, "--warmup", 2, "--seed", 7, "--lr", 3e-3, "--max-steps", 4, "--precision", "fp32",
         "--micro-batch", 2]
@@ -94,12 +96,10 @@ def test_dp2_zero1_to_dp1_resumes_on_the_dp2_curve(runs):
 
 def test_resharded_checkpoint_holds_the_source_state(runs):
     """Weights load as the same plain model; moments and step are the source's, whole."""
-    from megamm.train.training_state import open_training_state
-
     source, out = runs / "tp2" / "step2", runs / "tp1" / "step2"
     a, b = megamm.load_model(source).state_dict(), megamm.load_model(out).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    s, u = open_training_state(source), open_training_state(out)
+    s, u = ds.read(source), ds.read(out)
     assert s.names == u.names and s.step == u.step == 2
     for name in ("embed.weight", "layers.1.attn.o_proj.weight", "layers.0.mlp.up_proj.weight", "norm.weight"):
         for key in STATES:
@@ -137,9 +137,6 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
 
 
 def test_a_resharded_checkpoint_resumes_only_where_deepspeed_can_load_it(tmp_path):
-    from megamm.config import ConfigError
-    from megamm.train import universal
-
     meta = {"format": "universal", "topology": {"tp": 2, "pp": 1, "dp": 1}}
     zero1, zero3, zero0 = ({"zero_optimization": {"stage": s}} for s in (1, 3, 0))
     cfg = universal.resume_config(meta, 2, 1, zero1, tmp_path)

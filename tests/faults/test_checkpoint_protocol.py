@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from megamm.train import checkpoint, manifest
+from megamm.checkpoint import manifest, verified_checkpoint_dir
+from megamm.train import checkpoint
 
 
 class CheckpointEngine:
@@ -85,7 +86,7 @@ def test_fallback_order_and_keep_last(tmp_path):
     (tmp_path / "latest").write_text("step9")  # names a missing directory: every step<N> is a candidate
     assert checkpoint.pick_intact(tmp_path, rank=0)[1][0] == "step9 (directory missing)"
     with pytest.raises(checkpoint.CheckpointError, match="damaged checkpoint .*step4: megamm.json has 2 bytes"):
-        checkpoint.verified_checkpoint_dir(tmp_path / "step4")
+        verified_checkpoint_dir(tmp_path / "step4")
 
     keep = tmp_path / "keep"
     for step in (1, 2, 3):

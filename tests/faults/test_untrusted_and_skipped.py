@@ -11,9 +11,9 @@ import torch
 from fault_runs import ROOT, STEPS, clean_env
 
 import megamm
-from megamm.train import manifest
-from megamm.train.checkpoint import CheckpointError
-from megamm.train.safe_load import UnsafeCheckpointError
+from megamm.checkpoint import manifest
+from megamm.checkpoint import CheckpointError
+from megamm.checkpoint.ds import UnsafeCheckpointError
 
 
 @pytest.fixture(scope="module")

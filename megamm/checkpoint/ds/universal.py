@@ -14,9 +14,10 @@ loading run (its tensor-parallel slice, then its ZeRO partition):
                                           DeepSpeed's step counters and megamm's client state
     <step dir>/megamm.json                "format": "universal"; "topology": the layout it is for
 
-`<name>` is the engine's parameter name, which depends only on whether the model is a
-pipeline (`engine_name`): plain-model names when pp = 1, the PipelineModule's
-("<layer>.<key>") when pp > 1. `cat_dim` is the dimension megamm's tensor parallelism
+`<name>` is the engine's parameter name, which is the plain model's under every layout
+(pipeline stages keep plain names; universal checkpoints written before they did carry
+"<layer>.<key>" names under a pipeline: megamm.checkpoint.ds.read maps those when
+reading, and `resume_config` refuses to resume one). `cat_dim` is the dimension megamm's tensor parallelism
 splits (megamm.parallel.tensor_parallel.shard_dim); a replicated parameter records 0,
 and since its whole shape is every rank's shape DeepSpeed does not cut it. So the files
 serve any tensor-parallel degree, and ZeRO partitions them over any data-parallel size.
@@ -31,6 +32,7 @@ layout the RNG files were written for).
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import torch
@@ -43,29 +45,11 @@ OPTIMIZER_FILE = "optimizer_state.pt"
 STATES = ("fp32", "exp_avg", "exp_avg_sq")  # the per-parameter tensors, DeepSpeed's file names
 MODEL_STATE_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 PARAM, CAT_DIM = "param", "cat_dim"  # deepspeed.checkpoint.constants PARAM, CAT_DIM
+_LEGACY_NAME = re.compile(r"\d+\..+")  # "<pipeline layer>.<key>": written before stages kept plain names
 
 
 def is_universal(meta: dict) -> bool:
     return meta.get("format") == FORMAT
-
-
-def engine_name(plain: str, n_layers: int, pp: int) -> str:
-    """A parameter's name inside the engine of a run with `pp` stages."""
-    if pp == 1:
-        return plain
-    from megamm.parallel.pipeline import pipeline_name
-
-    return pipeline_name(plain, n_layers)
-
-
-def plain_name_of(name: str, n_layers: int, pp: int) -> str:
-    """engine_name's inverse."""
-    if pp == 1:
-        return name
-    from megamm.parallel.pipeline import plain_name
-
-    layer, key = name.split(".", 1)
-    return plain_name(int(layer), n_layers, key)
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -111,26 +95,18 @@ def param_names(step_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in zero.glob("*/fp32.pt"))
 
 
-def read_weights(step_dir: Path, config, meta: dict) -> dict[str, torch.Tensor]:
-    """The whole plain model's fp32 weights under plain-model names (tied head included)."""
-    pp = int(meta.get("topology", {}).get("pp", 1))
-    sd = {plain_name_of(n, config.n_layers, pp): read_state(step_dir, n, "fp32") for n in param_names(step_dir)}
-    if config.tie_embeddings and "embed.weight" in sd:
-        sd["head.weight"] = sd["embed.weight"]
-    return sd
-
-
 # ---- resuming ------------------------------------------------------------------------------
 def resume_config(meta: dict, tp: int, pp: int, ds_cfg: dict, ckpt: Path) -> dict:
     """The DeepSpeed config that loads universal checkpoint `ckpt` (its megamm.json is
     `meta`) in a run with `tp`, `pp`; a layout or ZeRO stage it cannot load is refused."""
-    from megamm.train.ds_config import zero_stage
-
+    if any(_LEGACY_NAME.fullmatch(n) for n in param_names(ckpt)):
+        raise ConfigError(f"{ckpt} was resharded before pipeline stages kept the plain model's parameter names; "
+                          f"run tools/reshard.py on it again to resume it")
+    stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
     layout = meta.get("topology", {})
     if (layout.get("tp"), layout.get("pp")) != (tp, pp):
         raise ConfigError(f"{ckpt} was resharded for --tp {layout.get('tp')} --pp {layout.get('pp')}, this run "
                           f"has --tp {tp} --pp {pp}: pass those, or reshard it again with tools/reshard.py")
-    stage = zero_stage(ds_cfg)
     if stage == 0:
         raise ConfigError(f"{ckpt} is a resharded (universal) checkpoint, which DeepSpeed loads only into a "
                           f"ZeRO optimizer: use a config with zero_optimization.stage 1-3")
