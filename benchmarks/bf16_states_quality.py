@@ -14,7 +14,7 @@ vocabulary, registered for this benchmark's child processes only as preset
 "small-digits". Each variant trains in its own process (`python launch/train.py`'s
 code path, one CPU rank). Writes benchmarks/results/bf16_states_quality-<cpu|cuda>.json
 and a PNG of both variants' training loss (a moving mean) and held-out loss (every
---eval-interval steps) (megamm.media; `--out` chooses the JSON path).
+--eval-interval steps) (megamm.demo.pictures; `--out` chooses the JSON path).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ CHILD = r"""
 import json, runpy, sys
 from unittest import mock
 from megamm import config
-from megamm.data.default import ensure_default_dataset
+from megamm.demo.recipe import ensure_default_dataset
 vocab = json.loads((ensure_default_dataset() / "meta.json").read_text())["vocab"]
 body = config.get_preset("small").replace(vocab=config.VocabConfig(**vocab))
 with mock.patch.dict(config.PRESETS, {"%s": body}):
@@ -71,7 +71,8 @@ def held_out(recs: list[dict]) -> list[tuple[int, float]]:
 
 
 def plot(curves: dict[str, list[dict]], path: Path, title: str, window: int) -> None:
-    from megamm.media import line_plot, write_png
+    from megamm.demo.pictures import line_plot
+    from megamm.media import write_png
 
     series = {}
     for name, recs in curves.items():
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     import deepspeed
     import torch
 
-    from megamm.data.default import ensure_default_dataset
+    from megamm.demo.recipe import ensure_default_dataset
     from megamm.train import ds_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Accuracy and cost of the evaluation judges (megamm.eval.judges) on the held-out split
+"""Accuracy and cost of the evaluation judges (megamm.demo.judges) on the held-out split
 of the embedded dataset, for the default and/or the quick tokenizers.
 
     python benchmarks/judges.py [--tokenizers default quick] [--cache DIR]
@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(tokenizers, progress: bool) -> tuple[dict, tuple]:
-    from megamm.data.digits import SAMPLE_RATE, make_split
-    from megamm.eval.judges import JudgeRecipe, train_judges
+    from megamm.demo.digits import SAMPLE_RATE, make_split
+    from megamm.demo.judges import JudgeRecipe, train_judges
     from megamm.runtime import torch_threads
 
     recipe = JudgeRecipe()
@@ -72,10 +72,10 @@ def bench(tokenizers, progress: bool) -> tuple[dict, tuple]:
 
 def robustness(judges, tokenizers, other_tokenizers=None, seed: int = 0) -> dict:
     """Accuracies of `judges` on held-out inputs unlike their training data."""
-    from megamm.data.digits import make_split
-    from megamm.eval.audio_judge import roundtrip_audio
-    from megamm.eval.captions import word_accuracy
-    from megamm.eval.image_judge import roundtrip_images
+    from megamm.demo.digits import make_split
+    from megamm.demo.audio_judge import roundtrip_audio
+    from megamm.demo.captions import word_accuracy
+    from megamm.demo.image_judge import roundtrip_images
     from megamm.runtime import torch_threads
 
     image_judge, audio_judge = judges
@@ -118,8 +118,8 @@ def main(argv=None) -> int:
 
     import sklearn
 
-    from megamm.data.default import DefaultTokenizerRecipe, load_default
-    from megamm.eval.judges import JudgeRecipe
+    from megamm.demo.recipe import DefaultTokenizerRecipe, load_default
+    from megamm.demo.judges import JudgeRecipe
     from dataclasses import asdict
 
     result = {

@@ -143,7 +143,7 @@ def bench_text(toks, val) -> dict:
 
 
 def bench_prepare(tok_dir: Path, workdir: Path) -> dict:
-    from megamm.data.digits import export_manifest
+    from megamm.demo.digits import export_manifest
 
     # train-split examples: only throughput is measured here, and 1,200 lines amortise
     # the worker start-up
@@ -184,9 +184,9 @@ def main(argv=None) -> int:
     import sklearn
     import tokenizers as hf_tokenizers
 
-    from megamm.data.default import DefaultDatasetRecipe, ensure_default_dataset
-    from megamm.data.digits import make_split
-    from megamm.data.default import ensure_default_tokenizers
+    from megamm.demo.recipe import DefaultDatasetRecipe, ensure_default_dataset
+    from megamm.demo.digits import make_split
+    from megamm.demo.recipe import ensure_default_tokenizers
     from megamm.tokenizers import Tokenizers
 
     recipe = DefaultDatasetRecipe() if args.recipe == "default" else DefaultDatasetRecipe.quick()

@@ -55,7 +55,7 @@ def quick_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def quick_data_dir(quick_cache) -> Path:
     """The embedded dataset built with the quick recipe (small tokenizers, one document per digit)."""
-    from megamm.data.default import DefaultDatasetRecipe, ensure_default_dataset
+    from megamm.demo.recipe import DefaultDatasetRecipe, ensure_default_dataset
 
     return ensure_default_dataset(quick_cache, DefaultDatasetRecipe.quick(), progress=False)
 
@@ -63,7 +63,7 @@ def quick_data_dir(quick_cache) -> Path:
 @pytest.fixture(scope="session")
 def quick_tokenizers_dir(quick_cache) -> Path:
     """Directory of the quick default tokenizers in the session's cache."""
-    from megamm.data.default import DefaultTokenizerRecipe, ensure_default_tokenizers
+    from megamm.demo.recipe import DefaultTokenizerRecipe, ensure_default_tokenizers
 
     return ensure_default_tokenizers(quick_cache, DefaultTokenizerRecipe.quick(), progress=False)
 
@@ -78,7 +78,7 @@ def quick_tokenizers(quick_tokenizers_dir):
 @pytest.fixture(scope="session")
 def heldout():
     """The 180 held-out digits, one colouring each, with spoken captions."""
-    from megamm.data.digits import make_split
+    from megamm.demo.digits import make_split
 
     return make_split("val", colourings=1, seed=0)
 

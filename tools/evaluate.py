@@ -8,7 +8,7 @@ test_nll_nats_per_dim, and generation accuracies judged by the project's small
 classifiers: text_to_image_digit_acc, text_to_image_color_acc, image_to_text_exact,
 text_to_audio_word_acc, audio_to_text_exact), REPORT_samples.png (generated images
 with their prompt under each) and REPORT_curve.png (the training curve, when the
-checkpoint's save dir holds metrics.jsonl). See megamm/eval/report.py for definitions.
+checkpoint's save dir holds metrics.jsonl). See megamm/demo/report.py for definitions.
 The checkpoint directory is all that is needed (it carries its tokenizers).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from megamm.config import ConfigError
-    from megamm.eval.report import EvalSettings, evaluate
+    from megamm.demo.report import EvalSettings, evaluate
     from megamm.generate import Sampling
 
     if args.examples < 1 or args.loss_examples < 0:

@@ -21,9 +21,10 @@ import wave
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from megamm.data.digits import SAMPLE_RATE, WORD_CLIPS_ASSET, WORDS
-from megamm.tokenizers.dsp import resample, trim_silence
+from megamm.demo.digits import SAMPLE_RATE, WORD_CLIPS_ASSET, WORDS, trim_silence
+from megamm.tokenizers.dsp import resample
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "megamm" / "assets" / WORD_CLIPS_ASSET
 
@@ -54,8 +55,6 @@ def main(argv=None) -> int:
     ap.add_argument("--speed", type=int, default=175, help="words per minute")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
-
-    from safetensors.numpy import save_file
 
     espeak = find_espeak()
     version = subprocess.run([*espeak, "--version"], capture_output=True, text=True).stdout

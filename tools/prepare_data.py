@@ -167,7 +167,7 @@ def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, stric
     from tqdm import tqdm
 
     from megamm.data.documents import DatasetWriter, DocumentMix, build_document, example_rng, split_of
-    from megamm.data.default import ensure_default_tokenizers
+    from megamm.demo.recipe import ensure_default_tokenizers
     from megamm.tokenizers import Tokenizers
     from megamm.vocab import Vocab
 

@@ -17,7 +17,7 @@ leaving an unconditional X document.
 Each example's choices come from its own RNG, seeded by (seed, example key), so the
 documents do not depend on worker count or processing order. `split_document` is the
 inverse of `build_document`; `DatasetWriter` writes documents into train/val shards
-plus meta.json (used by tools/prepare_data.py and megamm/data/default.py alike).
+plus meta.json (used by tools/prepare_data.py and megamm/demo/recipe.py alike).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ maps them into the unified id space. Each tokenizer has `train`, `save(dir)` and
 `load(dir)` (safetensors + JSON).
 
 The tokenizers of the embedded "spoken coloured digits" dataset are trained and
-cached by megamm.data.default (`load_default`).
+cached by megamm.demo.recipe (`load_default`).
 """
 from __future__ import annotations
 

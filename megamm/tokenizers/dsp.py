@@ -1,5 +1,5 @@
 """Small signal helpers shared by the audio codec, the data tools and the benchmarks:
-band-limited resampling, silence trimming, log-mel spectrograms and quality metrics.
+band-limited resampling, log-mel spectrograms and quality metrics.
 
 Everything here is plain numpy/torch, deterministic, and needs no system package.
 """
@@ -40,18 +40,6 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int, taps: int = 32) ->
         samples = np.where(valid, wave[np.clip(idx, 0, wave.size - 1)], 0.0)
         out[start:start + t.size] = (samples * kernel).sum(axis=1)
     return out
-
-
-def trim_silence(wave: np.ndarray, threshold: float = 0.02, pad: int = 160) -> np.ndarray:
-    """Drop leading/trailing samples quieter than `threshold` x peak, keeping `pad`
-    samples of margin on each side."""
-    wave = np.asarray(wave, dtype=np.float32)
-    loud = np.nonzero(np.abs(wave) > threshold * max(float(np.abs(wave).max()), 1e-9))[0]
-    if loud.size == 0:
-        return wave[:0]
-    lo = max(int(loud[0]) - pad, 0)
-    hi = min(int(loud[-1]) + pad + 1, wave.size)
-    return wave[lo:hi]
 
 
 @lru_cache(maxsize=8)

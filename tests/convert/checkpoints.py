@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from megamm.config import get_preset
-from megamm.data.default import IMAGE_CODES
+from megamm.demo.recipe import IMAGE_CODES
 from megamm.data.synthetic import write_synthetic_dataset
 from megamm.tokenizers import AudioTokenizer, ImageTokenizer, TextTokenizer
 from megamm.tokenizers.audio import AudioCodecConfig

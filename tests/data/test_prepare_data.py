@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from megamm import media
-from megamm.data import digits
+from megamm.demo import digits
 from megamm.data.documents import DocumentMix, build_document, encode_examples, example_rng, split_document, split_of
 from megamm.data.shards import ShardReader, list_shards
 from megamm.tokenizers import Tokenizers

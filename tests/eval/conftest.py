@@ -2,7 +2,7 @@
 tokenizers (tests/conftest.py's quick_tokenizers) in the session's cache."""
 import pytest
 
-from megamm.eval.judges import load_judges
+from megamm.demo.judges import load_judges
 
 
 @pytest.fixture(scope="session")

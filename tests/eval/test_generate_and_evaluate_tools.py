@@ -76,7 +76,7 @@ def test_the_checkpoint_carries_its_tokenizers(moved_checkpoint):
 
 
 def test_generates_every_modality_from_the_moved_checkpoint(moved_checkpoint, tmp_path):
-    from megamm.data.digits import make_split
+    from megamm.demo.digits import make_split
     from megamm.media import read_image, write_png, write_wav
 
     empty = tmp_path / "empty-cache"

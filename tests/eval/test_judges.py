@@ -1,4 +1,4 @@
-"""The evaluation judges (megamm.eval.judges): caption parsing and word accuracy, the
+"""The evaluation judges (megamm.demo.judges): caption parsing and word accuracy, the
 judges' accuracy on the held-out split (originals and round trips through the quick
 tokenizers), garbage input, files and the cache."""
 import copy
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import megamm.eval.judges as judges_module
-from megamm.data.digits import WORDS, load_word_clips
-from megamm.eval.audio_judge import min_duration_path, roundtrip_audio, word_spans
-from megamm.eval.image_judge import roundtrip_images
-from megamm.eval.judges import (PAINTS, AudioJudge, ImageJudge, JudgeRecipe, caption_fields, heldout_accuracy,
+import megamm.demo.judges as judges_module
+from megamm.demo.audio_judge import min_duration_path, roundtrip_audio, word_spans
+from megamm.demo.digits import WORDS, load_word_clips
+from megamm.demo.image_judge import roundtrip_images
+from megamm.demo.judges import (PAINTS, AudioJudge, ImageJudge, JudgeRecipe, caption_fields, heldout_accuracy,
                                 load_judges, tokenizer_fingerprint, word_accuracy)
 from megamm.tokenizers import ImageTokenizer, Tokenizers
 

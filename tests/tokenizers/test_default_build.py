@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 
 from megamm.config import PRESETS
-from megamm.data import digits
-from megamm.data.default import DefaultDatasetRecipe, build_default_dataset, ensure_default_dataset
 from megamm.data.documents import split_document
 from megamm.data.shards import ShardReader, list_shards
-from megamm.eval.audio_judge import word_spans
-from megamm.data.default import load_default
+from megamm.demo import digits
+from megamm.demo.audio_judge import word_spans
+from megamm.demo.recipe import DefaultDatasetRecipe, build_default_dataset, ensure_default_dataset, load_default
 from megamm.tokenizers import load_for_data
 from megamm.vocab import Vocab
 

@@ -4,7 +4,7 @@ colour-independent shape codes) and the plain RGB mode."""
 import numpy as np
 import pytest
 
-from megamm.data.digits import COLOURS, SHADES, make_split, paint_rgb
+from megamm.demo.digits import COLOURS, SHADES, make_split, paint_rgb
 from megamm.tokenizers import ImageTokenizer, ImageTokenizerConfig, ImageTrainConfig
 from megamm.tokenizers.dsp import psnr_db
 from megamm.vocab import Vocab

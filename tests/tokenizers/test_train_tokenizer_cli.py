@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megamm.data.digits import export_manifest
+from megamm.demo.digits import export_manifest
 from megamm.tokenizers import ImageTokenizer, Tokenizers
 
 ROOT = Path(__file__).resolve().parents[2]

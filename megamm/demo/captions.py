@@ -4,12 +4,12 @@
         -> {"digit": 8, "foreground": "dark green", "background": "bright cyan"}
     word_accuracy(reference, hypothesis) -> float in [0, 1]
 
-The vocabulary (digit words, shades, colours) is megamm.data.digits'; a paint is
+The vocabulary (digit words, shades, colours) is megamm.demo.digits'; a paint is
 "<shade> <colour>" and PAINTS fixes the class index of each of the 12.
 """
 from __future__ import annotations
 
-from megamm.data.digits import COLOURS, DIGIT_WORDS, SHADES
+from megamm.demo.digits import COLOURS, DIGIT_WORDS, SHADES
 
 PAINTS = tuple(f"{shade} {colour}" for shade in SHADES for colour in COLOURS)
 """The 12 paints, "dark red" ... "bright magenta": the class order of the colour judges."""

@@ -8,12 +8,12 @@ of the embedded dataset back into what a caption asked for.
     caption_fields(caption) -> {"digit", "foreground", "background"}
     word_accuracy(reference, hypothesis) -> float
 
-Both judges are trained on the train split only (megamm.data.digits), on the original
+Both judges are trained on the train split only (megamm.demo.digits), on the original
 examples and on their round trips through the tokenizers (decode(encode(x))), because
 what they will judge comes out of those decoders: ImageJudge in image_judge.py,
 AudioJudge in audio_judge.py. `load_judges` trains them with a `JudgeRecipe`, measures
 them on the held-out split (originals and round trips; in each judge's `report`) and
-caches them like the default tokenizers (megamm.data.default):
+caches them like the default tokenizers (megamm.demo.recipe):
 
     $MEGAMM_CACHE/judges-<key>/{image,audio}/{megamm_judge.json,model.safetensors}
 
@@ -34,12 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from megamm.cache import build_once, cache_root
-from megamm.data.digits import make_split
-from megamm.eval.audio_judge import (AudioJudge, AudioJudgeConfig, AudioJudgeTrainConfig, audio_training_set,
+from megamm.demo.audio_judge import (AudioJudge, AudioJudgeConfig, AudioJudgeTrainConfig, audio_training_set,
                                      roundtrip_audio)
-from megamm.eval.captions import PAINTS, caption_fields, word_accuracy
-from megamm.eval.image_judge import (ImageJudge, ImageJudgeConfig, ImageJudgeTrainConfig, image_training_set,
+from megamm.demo.captions import PAINTS, caption_fields, word_accuracy
+from megamm.demo.digits import make_split
+from megamm.demo.image_judge import (ImageJudge, ImageJudgeConfig, ImageJudgeTrainConfig, image_training_set,
                                      roundtrip_images)
+from megamm.demo.recipe import load_default
 from megamm.runtime import torch_threads, usable_cores
 from megamm.tokenizers import Tokenizers
 
@@ -71,8 +72,6 @@ def load_judges(tokenizers: Tokenizers | None = None, cache: bool = True, cache_
     default tokenizers, `load_default`). With `cache`, loaded from the cache under
     `cache_dir` (default $MEGAMM_CACHE), trained and saved there first if missing (safe
     when several processes ask at once); without, trained in memory (a minute or two)."""
-    from megamm.data.default import load_default
-
     recipe = recipe or JudgeRecipe()
     tokenizers = tokenizers if tokenizers is not None else load_default(cache_dir, progress=progress)
     if not cache:

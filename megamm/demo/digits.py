@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import load as load_safetensors
+from sklearn.datasets import load_digits
 
 from megamm.media import write_wav
 
@@ -192,14 +194,24 @@ def speak(text: str, clips: dict[str, np.ndarray], rng: np.random.Generator | No
 
 def load_word_clips() -> dict[str, np.ndarray]:
     """The shipped word clips: word -> float32 `[T]` at 16 kHz."""
-    from safetensors.numpy import load
-
     data = (resources.files("megamm") / "assets" / WORD_CLIPS_ASSET).read_bytes()
-    clips = {w: (a.astype(np.float32) / 32768.0) for w, a in load(data).items()}
+    clips = {w: (a.astype(np.float32) / 32768.0) for w, a in load_safetensors(data).items()}
     missing = sorted(set(WORDS) - set(clips))
     if missing:
         raise RuntimeError(f"{WORD_CLIPS_ASSET} lacks words {missing}; rerun tools/make_speech_clips.py")
     return clips
+
+
+def trim_silence(wave: np.ndarray, threshold: float = 0.02, pad: int = 160) -> np.ndarray:
+    """Drop leading/trailing samples quieter than `threshold` x peak, keeping `pad`
+    samples of margin on each side (how tools/make_speech_clips.py cuts each word clip)."""
+    wave = np.asarray(wave, dtype=np.float32)
+    loud = np.nonzero(np.abs(wave) > threshold * max(float(np.abs(wave).max()), 1e-9))[0]
+    if loud.size == 0:
+        return wave[:0]
+    lo = max(int(loud[0]) - pad, 0)
+    hi = min(int(loud[-1]) + pad + 1, wave.size)
+    return wave[lo:hi]
 
 
 def _pick_paints(rng: np.random.Generator) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -211,8 +223,6 @@ def _pick_paints(rng: np.random.Generator) -> tuple[tuple[str, str], tuple[str, 
 
 def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """(float [1797, 8, 8] intensities 0..16, int [1797] labels), bundled with scikit-learn."""
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     return d.images, d.target
 

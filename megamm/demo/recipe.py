@@ -2,9 +2,10 @@
 
 `ensure_default_dataset()` returns a data directory launch/train.py can train on
 without --data: train/val shards of "spoken coloured digits" documents
-(megamm/data/digits.py) and a meta.json, next to the default tokenizers. The first
-call trains the tokenizers (`load_default`, `ensure_default_tokenizers`) and writes the shards (a few minutes on a laptop CPU,
-with progress on stderr); later calls return at once. It uses the same document
+(megamm/demo/digits.py) and a meta.json, next to the default tokenizers. The first
+call trains the tokenizers (`load_default`, `ensure_default_tokenizers`) and writes
+the shards (a few minutes on a laptop CPU, with progress on stderr); later calls
+return at once. It uses the same document
 code as tools/prepare_data.py (megamm/data/documents.py).
 
 Cache layout under `$MEGAMM_CACHE` (default ~/.cache/megamm):
@@ -28,14 +29,15 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
+from megamm.cache import build_once, cache_root
 from megamm.data.documents import (DatasetWriter, DocumentMix, EncodedExample, Example, build_document,
                                    encode_examples, example_rng)
 from megamm.data.shards import FORMAT_VERSION as SHARD_FORMAT
-from megamm.data.digits import make_split
+from megamm.demo.digits import make_split, split_size
+from megamm.runtime import progress_bar, torch_threads, usable_cores
 from megamm.tokenizers import (AudioCodecConfig, AudioTokenizer, AudioTrainConfig, ImageTokenizer,
                                ImageTokenizerConfig, ImageTrainConfig, TextTokenizer, Tokenizers)
-from megamm.cache import build_once, cache_root
-from megamm.runtime import progress_bar, torch_threads, usable_cores
+from megamm.vocab import Vocab
 
 
 CACHE_VERSION = 2
@@ -195,9 +197,6 @@ def build_default_dataset(out: Path, tokenizers_dir: Path, recipe: DefaultDatase
 
     Examples are encoded in chunks, by a second process too when there are two usable
     cores (single-threaded either way, so the shards are the same)."""
-    from megamm.data.digits import split_size
-    from megamm.vocab import Vocab
-
     vocab = Vocab(Tokenizers.load(tokenizers_dir).vocab_config())
     tasks = [(str(tokenizers_dir), split, colourings, recipe.seed, s, s + chunk, recipe.shift)
              for split, colourings in (("train", recipe.colourings), ("val", recipe.val_colourings))

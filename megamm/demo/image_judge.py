@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamm.data.digits import IMAGE_SIZE, make_split
-from megamm.eval.captions import PAINTS, caption_fields
-from megamm.eval.judge_files import load_judge_weights, read_judge_info, save_judge
+from megamm.demo.captions import PAINTS, caption_fields
+from megamm.demo.digits import IMAGE_SIZE, make_split
+from megamm.demo.judge_files import load_judge_weights, read_judge_info, save_judge
 from megamm.runtime import progress_bar, torch_threads
 from megamm.schedule import warmup_cosine
 

@@ -28,18 +28,17 @@ still read the quick tokenizers' much rougher round trips (benchmarks/judges.py)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamm.data.digits import SAMPLE_RATE, WORDS, load_word_clips, make_split
-from megamm.eval.judge_files import load_judge_weights, read_judge_info, save_judge
+from megamm.demo.digits import SAMPLE_RATE, WORDS, load_word_clips, make_split
+from megamm.demo.judge_files import load_judge_weights, read_judge_info, save_judge
 from megamm.runtime import progress_bar, torch_threads
 from megamm.schedule import warmup_cosine
 from megamm.tokenizers.dsp import log_mel
