@@ -80,7 +80,7 @@ def lr_lambda(args: TrainArgs):
 def resolve_data_dir(args: TrainArgs, rank: int) -> Path:
     if args.data is not None:
         return Path(args.data)
-    from megamm.data.default import ensure_default_dataset
+    from megamm.demo.recipe import ensure_default_dataset
 
     if rank == 0:  # builds (once, cached) while the other ranks wait, then finds it cached
         ensure_default_dataset()
@@ -221,7 +221,7 @@ def run(args: TrainArgs) -> list[dict]:
                                                            or r.step == args.max_steps or signum or sample_now):
             r.save()
             if sample_now and rank == 0:
-                from megamm.eval.report import write_samples
+                from megamm.demo.report import write_samples
 
                 write_samples(Path(args.save_dir) / f"step{r.step}", Path(args.save_dir) / "samples", r.step)
         if signum:
@@ -261,7 +261,7 @@ def final_report(save_dir: Path) -> None:
     out = save_dir / "report.json"
     print(f"evaluating the final checkpoint ({save_dir / checkpoint.latest_tag(save_dir)}) ...", flush=True)
     try:
-        from megamm.eval.report import evaluate
+        from megamm.demo.report import evaluate
 
         report = evaluate(save_dir, out, log=lambda m: print(m, flush=True))
     except Exception as e:  # noqa: BLE001 - the checkpoint is safe; say so in one line
