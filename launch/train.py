@@ -13,23 +13,41 @@ ends the run after the current step with a checkpoint and exit status 75
 """
 import os
 import sys
+from pathlib import Path
 
 from megamm.config import ConfigError
 from megamm.data.loader import DataError
 from megamm.data.shards import ShardError
+from megamm.demo.recipe import ensure_default_dataset
+from megamm.demo.report import evaluate, write_samples_from_model
+from megamm.parallel.distributed import shutdown
+from megamm.train.args import parse
 from megamm.train.bad_steps import BadStepsError
 from megamm.train.checkpoint import CheckpointSaveError
+from megamm.train.loop import FinalEvalError, Hooks, run
+from megamm.train.preemption import PREEMPTED_EXIT, Preempted
+
+REPORT_KEYS = ("test_nll_nats_per_dim", "text_to_image_digit_acc", "text_to_image_color_acc", "image_to_text_exact",
+               "audio_to_text_exact", "text_to_audio_word_acc")
+
+
+def final_evaluation(save_dir: Path) -> None:
+    """tools/evaluate.py's report on the run's final checkpoint; prints where it and its pictures are."""
+    out = save_dir / "report.json"
+    report = evaluate(save_dir, out, log=lambda m: print(m, flush=True))
+    print("report: " + ", ".join(f"{k} {report[k]:.3f}" for k in REPORT_KEYS if k in report), flush=True)
+    print(f"samples: {report['samples_png']}" + (f"  curve: {report['curve_png']}" if "curve_png" in report else ""),
+          flush=True)
+    print(f"report written to {out}", flush=True)
+
+
+# The embedded demo is the default data set, its samples and its final report.
+DEMO = Hooks(default_data=ensure_default_dataset, sample=write_samples_from_model, final_eval=final_evaluation)
 
 
 def main(argv=None) -> int:
-    from megamm.train.args import parse
-    from megamm.train.loop import FinalEvalError, run
-    from megamm.train.preemption import PREEMPTED_EXIT, Preempted
-
-    from megamm.parallel.distributed import shutdown
-
     try:
-        run(parse(argv))
+        run(parse(argv), DEMO)
     except (CheckpointSaveError, BadStepsError) as e:  # every rank agreed on it: rank 0 says it once
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -25,6 +25,8 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from megamm.config import ModelConfig
 from megamm.hf import ConversionError, special_token_names
@@ -68,8 +70,6 @@ def write_json(path: Path, obj) -> None:
 def save_sharded(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
     """Write `sd` as safetensors shards of at most max_shard_bytes (a larger tensor gets
     a shard of its own) + the index; returns the shard file names."""
-    from safetensors.torch import save_file
-
     groups: list[list[str]] = [[]]
     size = 0
     for name, t in sd.items():
@@ -92,8 +92,6 @@ def save_sharded(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -
 
 def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF folder (sharded with an index, or one model.safetensors)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if (folder / INDEX_FILE).is_file():
         files = sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
@@ -123,8 +121,6 @@ def token_names(cfg: ModelConfig) -> list[str]:
 
 def build_tokenizer(cfg: ModelConfig, text_tokenizer_json: Path | None):
     """A `tokenizers.Tokenizer` whose ids are megamm's unified ids (see module doc)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-
     text_size = cfg.vocab.text_size
     if text_tokenizer_json is not None:
         tok = Tokenizer.from_file(str(text_tokenizer_json))

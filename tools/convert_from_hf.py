@@ -24,14 +24,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from megamm.checkpoint import META_FILE, manifest
+from megamm.checkpoint import META_FILE, ds, manifest
 from megamm.config import ConfigError, ModelConfig, get_preset
 from megamm.hf import ConversionError, extend_vocab, from_hf, model_config_from_hf
 from megamm.hf_folder import MODALITIES_FILE, TOKENIZERS_DIR, load_safetensors, staged_output, write_json
-
-MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's ZeRO-0, tp=1 model file
 
 
 def read_json(path: Path) -> dict:
@@ -80,7 +76,7 @@ def convert(hf_dir: Path, out: Path, model_config: str | None = None, force: boo
             "zero_stage": 0, "precision": "fp32", "topology": {"tp": 1, "pp": 1, "dp": 1},
             "sequence_parallel": False, "source": {"hf": str(hf_dir.resolve()), "megamm_export": exported}}
     with staged_output(out, force) as tmp:
-        torch.save({"module": sd}, tmp / MODEL_FILE)
+        ds.write_module_weights(tmp, sd)  # a ZeRO-0, tp = 1 checkpoint
         if tok.is_dir():
             shutil.copytree(tok, tmp / "tokenizers")
         write_json(tmp / META_FILE, meta)

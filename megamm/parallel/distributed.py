@@ -4,12 +4,20 @@ to use, and the few collectives the loop needs outside the engine."""
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
+import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from megamm.parallel import cluster
 
 
 def single_process_env() -> None:
@@ -30,13 +38,6 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
     this is a single process. A collective waits at most `timeout_s` for a silent rank.
     CPU ranks use gloo (the CPU accelerator prefers oneCCL, which a CPU torch wheel does
     not have) and share the machine's cores."""
-    from datetime import timedelta
-
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    from megamm.parallel import cluster
-
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     acc = get_accelerator()
@@ -64,8 +65,6 @@ def shm_buffer_path() -> Path | None:
     None without a master address. DeepSpeed never unlinks it, so each CPU run would leave
     ~70 MB of RAM per rank in /dev/shm until a reboot; init_distributed unlinks it at exit
     (peers keep their mappings)."""
-    import torch.distributed as dist
-
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not (addr and port and dist.is_initialized()):
         return None
@@ -80,22 +79,16 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def is_initialized() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if is_initialized():
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """In-place sum over `group` (default: every rank); a no-op in a single process."""
-    import torch.distributed as dist
-
     if is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     return t
@@ -106,8 +99,6 @@ def shutdown() -> None:
     for the others, then destroys its groups, so no rank's communication threads are torn
     down while a peer still talks to them (that aborts the process instead of exiting
     with its status)."""
-    import torch.distributed as dist
-
     if is_initialized():
         try:
             dist.barrier()
@@ -119,8 +110,5 @@ def shutdown() -> None:
         # then, taking the GIL ends that thread and std::terminate aborts the process
         # (exit 134 after a finished run, seen under mpirun on a loaded 2-core machine).
         # Let it happen while the interpreter is still whole.
-        import gc
-        import time
-
         gc.collect()
         time.sleep(0.2)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.distributed as dist
+
 from megamm.config import ConfigError
 
 
@@ -78,8 +80,6 @@ class ParallelGroups:
     clipping sum the TP-sharded parameters over it and count replicated ones once)."""
 
     def __init__(self, topo: Topology):
-        import torch.distributed as dist
-
         if dist.get_world_size() != topo.world_size:
             raise ConfigError(f"world size {dist.get_world_size()} != tp*pp*dp = {topo.world_size}")
         self.topo, self.rank = topo, dist.get_rank()

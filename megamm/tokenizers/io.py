@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 INFO_FILE = "megamm_tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -33,13 +34,9 @@ def read_info(directory: Path, kind: str, info_file: str = INFO_FILE, what: str 
 
 
 def save_weights(directory: Path, module: torch.nn.Module) -> None:
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous().cpu() for k, v in sorted(module.state_dict().items())}
     save_file(state, str(Path(directory) / WEIGHTS_FILE))
 
 
 def load_weights(directory: Path, module: torch.nn.Module) -> None:
-    from safetensors.torch import load_file
-
     module.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megamm.checkpoint import ds
+from megamm.checkpoint.ds import hooks
 from megamm.config import ConfigError
 
 FAULT_ENV = "MEGAMM_FAULT_NAN_STEPS"
@@ -34,7 +34,7 @@ class BadStepsError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
-prepare_config = ds.enable_step_skip
+prepare_config = hooks.enable_step_skip
 """ds_cfg with DeepSpeed's non-finite-gradient skip on; ConfigError where it cannot skip."""
 
 
@@ -86,12 +86,12 @@ class BadStepGuard:
 
     def after_step(self, engine, step: int) -> dict:
         """Record whether optimizer step `step` was applied; the metrics it adds."""
-        if ds.step_applied(engine):
+        if hooks.step_applied(engine):
             self.consecutive = 0
         else:
             self.consecutive += 1
             self.first_bad = step if self.consecutive == 1 else self.first_bad
-        return {"skipped_steps": ds.skipped_steps(engine)}
+        return {"skipped_steps": hooks.skipped_steps(engine)}
 
     def may_save(self) -> bool:
         return self.consecutive == 0

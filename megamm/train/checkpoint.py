@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megamm.checkpoint import ds, manifest
+from megamm.checkpoint.ds import hooks
 from megamm.checkpoint.layout import (LATEST, META_FILE, TOKENIZERS_DIR, CheckpointError, has_latest, step_dirs,
                                       step_of)
 
@@ -68,7 +69,7 @@ def _agree(error: str | None) -> str | None:
     return next((e for e in _gather(error) if e), None)
 
 
-_attempt = ds.attempt
+_attempt = hooks.attempt
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int,
     fail_if(_agree(_attempt(make_room) if rank == 0 else None))
 
     failures: list[str] = []
-    with ds.recording_write_failures(engine, failures):
+    with hooks.recording_write_failures(engine, failures):
         engine.save_checkpoint(str(save_dir), tag=tmp_dir.name, client_state=client_state, save_latest=False)
     if not failures:
         error = _attempt(lambda: torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt"))
@@ -193,7 +194,7 @@ def _verify_together(ckpt: Path, rank: int) -> str | None:
     except ValueError as e:
         problem = str(e)
     except OSError as e:
-        problem = ds.one_line(e)
+        problem = hooks.one_line(e)
     return _agree(problem)
 
 

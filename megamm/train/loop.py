@@ -1,7 +1,11 @@
 """The training run behind `deepspeed launch/train.py`: set up (process groups, data,
-engine, resume), then step, evaluate, checkpoint and log until max_steps.
+engine, resume), then step until max_steps, asking each periodic job (megamm.train
+.schedules) after every step whether this step is its own.
 
-    run(args) = setup(args) -> Run;  while ...: Run.trainer.train_step(batches) -> record
+    run(args, hooks) = setup(args) -> Run;  while step < max_steps: trainer.train_step -> jobs
+
+`Hooks` are what the entry point plugs in (the default data set, samples, the final
+evaluation), so the train package imports neither megamm.eval nor the demo.
 """
 from __future__ import annotations
 
@@ -10,21 +14,27 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from megamm.config import ModelConfig, get_preset
+from megamm.checkpoint import has_latest, latest_tag, read_meta
+from megamm.checkpoint.ds import universal
+from megamm.config import ConfigError, ModelConfig, get_preset
 from megamm.data.loader import PackedLoader, open_split, validation_batches
 from megamm.parallel import Topology
 from megamm.parallel.distributed import barrier, init_distributed
-from megamm.tokenizers import tokenizers_dir_of
 from megamm.schedule import warmup_cosine
-from megamm.train import bad_steps, checkpoint, ds_config, universal
+from megamm.tokenizers import tokenizers_dir_of
+from megamm.train import bad_steps, checkpoint, ds_config
 from megamm.train.args import TrainArgs
 from megamm.train.engine import Trainer, build_trainer, check_layout
 from megamm.train.init_from import load_init_state
 from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops
 from megamm.train.preemption import Preempted, StopRequest
+from megamm.train.schedules import Checkpointer, MetricsLogger, Sampler, Validator
 from megamm.vocab import Vocab
 
 
@@ -77,15 +87,29 @@ def lr_lambda(args: TrainArgs):
     return lambda step: warmup_cosine(step, args.max_steps, args.warmup, args.min_lr_ratio)
 
 
-def resolve_data_dir(args: TrainArgs, rank: int) -> Path:
+@dataclass(frozen=True)
+class Hooks:
+    """What the entry point (launch/train.py) plugs into a run."""
+
+    default_data: Callable[[], Path] | None = None
+    """The data directory when --data is not given; called on rank 0 first (it may build and
+    cache it), then on the other ranks."""
+    sample: Callable[[torch.nn.Module, Path | None, Path, int], object] | None = None
+    """sample(plain model, tokenizers dir, out dir, step), on rank 0 every --sample-interval steps."""
+    final_eval: Callable[[Path], None] | None = None
+    """final_eval(save dir) on rank 0 after the last save, when the run evaluates at the end
+    (--final-eval, or by default on the default data set); its failure is a FinalEvalError."""
+
+
+def resolve_data_dir(args: TrainArgs, rank: int, hooks: Hooks) -> Path:
     if args.data is not None:
         return Path(args.data)
-    from megamm.demo.recipe import ensure_default_dataset
-
+    if hooks.default_data is None:
+        raise ConfigError("no --data given, and this entry point has no default data set")
     if rank == 0:  # builds (once, cached) while the other ranks wait, then finds it cached
-        ensure_default_dataset()
+        hooks.default_data()
     barrier()
-    return ensure_default_dataset()
+    return hooks.default_data()
 
 
 @dataclass
@@ -115,11 +139,9 @@ class Run:
                 "topology": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp},
                 "sequence_parallel": self.args.sequence_parallel}
 
-    def save(self) -> None:
-        checkpoint.save(self.trainer.engine, self.args.save_dir, self.step,
-                        {"step": self.step, "loader": self.loader.state_dict(),
-                         "args": dataclasses.asdict(self.args)},
-                        self.meta(), self.rank, keep_last=self.args.keep_last)
+    def client_state(self) -> dict:
+        """What megamm adds to DeepSpeed's state in a checkpoint (the loader's position travels)."""
+        return {"step": self.step, "loader": self.loader.state_dict(), "args": dataclasses.asdict(self.args)}
 
 
 def load_configs(args: TrainArgs) -> tuple[ModelConfig, dict]:
@@ -129,17 +151,15 @@ def load_configs(args: TrainArgs) -> tuple[ModelConfig, dict]:
     return model_config(args, ds_cfg), ds_cfg
 
 
-def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
+def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict, hooks: Hooks = Hooks()) -> Run:
     """Process groups, data, engine and (with --resume) the checkpoint's state."""
     device = init_distributed(args.dist_timeout)
-    import torch.distributed as dist
-
     rank = dist.get_rank()
     topo = Topology.for_world(dist.get_world_size(), args.tp, args.pp)
     check_layout(cfg, ds_cfg, topo, args.sequence_parallel)
     groups = topo.build_groups()
     vocab = Vocab(cfg.vocab)
-    data_dir = resolve_data_dir(args, rank)
+    data_dir = resolve_data_dir(args, rank, hooks)
     mb = ds_cfg["train_micro_batch_size_per_gpu"]
     # every tp rank and pipeline stage of a data-parallel replica reads the same rows
     loader = PackedLoader(open_split(data_dir, "train", vocab), vocab, cfg.max_seq_len, mb,
@@ -150,9 +170,9 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
                                  groups.dp_rank, topo.dp, args.eval_batches)
     init_state = load_init_state(args.init_from, cfg) if args.init_from and not args.resume else None
     tag = None
-    if args.resume or (args.auto_resume and checkpoint.has_latest(args.save_dir)):
+    if args.resume or (args.auto_resume and has_latest(args.save_dir)):
         tag = checkpoint.pick_for_resume(args.save_dir, rank)
-        meta = checkpoint.read_meta(Path(args.save_dir) / tag)
+        meta = read_meta(Path(args.save_dir) / tag)
         if universal.is_universal(meta):  # resharded: DeepSpeed loads it when the engine is built for it
             ds_cfg = universal.resume_config(meta, topo.tp, topo.pp, ds_cfg, Path(args.save_dir) / tag)
     trainer = build_trainer(cfg, ds_cfg, groups, device, args.seed, args.sequence_parallel, lr_lambda(args),
@@ -173,7 +193,7 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict) -> Run:
     return run
 
 
-def run(args: TrainArgs) -> list[dict]:
+def run(args: TrainArgs, hooks: Hooks = Hooks()) -> list[dict]:
     """Train; returns the per-step metric records (rank 0; others return [])."""
     cfg, ds_cfg = load_configs(args)
     if args.dry_run:
@@ -182,19 +202,21 @@ def run(args: TrainArgs) -> list[dict]:
         check_layout(cfg, ds_cfg, topo, args.sequence_parallel)
         print(describe(cfg, ds_cfg, topo, args), flush=True)
         return []
-    r = setup(args, cfg, ds_cfg)
+    r = setup(args, cfg, ds_cfg, hooks)
     trainer, rank = r.trainer, r.rank
-    log = MetricsLog(Path(args.save_dir) / "metrics.jsonl" if args.save_dir and rank == 0 else None)
+    save_dir = Path(args.save_dir) if args.save_dir else None
+    validator = Validator(args.eval_interval, r.val)
+    logger = MetricsLogger(MetricsLog(save_dir / "metrics.jsonl" if save_dir and rank == 0 else None),
+                           args.log_interval, args.max_steps, trainer.engine,
+                           bar=tqdm(total=args.max_steps, initial=r.step, desc="train", dynamic_ncols=True)
+                           if rank == 0 and args.progress else None)
+    checkpointer = Checkpointer(save_dir, args.save_interval, args.max_steps, args.keep_last, trainer.guard.may_save)
+    sampler = Sampler(args.sample_interval, hooks.sample, tokenizers_dir_of(r.data_dir),
+                      save_dir / "samples" if save_dir else None)
     tokens_per_step = r.loader.micro_batch * trainer.gas * r.topo.dp * cfg.max_seq_len
     flops_tok = flops_per_token(cfg, cfg.max_seq_len)
     peak = peak_flops(trainer.device)
-    bar = None
-    if rank == 0 and args.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=args.max_steps, initial=r.step, desc="train", dynamic_ncols=True)
     stop = StopRequest.install()  # from here SIGTERM/SIGUSR1 -> all ranks save after the same step
-    records = []
     while r.step < args.max_steps:
         t0 = time.perf_counter()
         rec = trainer.train_step([r.loader.next_batch() for _ in range(trainer.gas)], r.step + 1)
@@ -204,72 +226,44 @@ def run(args: TrainArgs) -> list[dict]:
         if peak:
             rec["mfu"] = flops_tok * tokens_per_step / dt / (peak * r.topo.world_size)
             rec["mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
-        if r.val is not None and r.step % args.eval_interval == 0:
-            rec.update(trainer.evaluate(r.val))
+        if validator.should_validate(r.step):
+            rec.update(trainer.evaluate(validator.batches))
         if rank == 0:
-            records.append(rec)
-            monitor_events(trainer.engine, rec)
-            if r.step % args.log_interval == 0 or r.step == args.max_steps:
-                log.write(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            logger.record(rec)
         trainer.guard.stop_if_exhausted()  # every rank saw the same skips
         signum = stop.agreed(trainer.device) if r.step < args.max_steps else 0  # collective: any rank signalled?
-        sample_now = bool(args.sample_interval and r.step % args.sample_interval == 0)
-        if args.save_dir and trainer.guard.may_save() and ((args.save_interval and r.step % args.save_interval == 0)
-                                                           or r.step == args.max_steps or signum or sample_now):
-            r.save()
-            if sample_now and rank == 0:
-                from megamm.demo.report import write_samples
-
-                write_samples(Path(args.save_dir) / f"step{r.step}", Path(args.save_dir) / "samples", r.step)
+        if checkpointer.should_save(r.step, bool(signum)):
+            checkpointer.save(trainer.engine, r.step, r.client_state(), r.meta(), rank)
+        if sampler.should_sample(r.step):
+            sampler.run(trainer, cfg, r.step, rank)
         if signum:
-            e = Preempted(r.step, StopRequest.name(signum),
-                          args.save_dir and str(Path(args.save_dir) / f"step{r.step}"))
+            e = Preempted(r.step, StopRequest.name(signum), save_dir and str(save_dir / f"step{r.step}"))
             if rank == 0:
                 print(f"preempted: {e}", flush=True)
             raise e
-    if bar is not None:
-        bar.close()
-    if rank == 0 and records:
-        last = records[-1]
+    if logger.bar is not None:
+        logger.bar.close()
+    if rank == 0 and logger.records:
+        last = logger.records[-1]
         print(f"done: step {last['step']} loss {last['loss']:.4f}"
               + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else ""), flush=True)
-    final_eval = args.final_eval if args.final_eval is not None else (args.data is None and bool(args.save_dir))
-    if final_eval and rank == 0 and checkpoint.has_latest(args.save_dir):
-        final_report(Path(args.save_dir))
-    return records
-
-
-def monitor_events(engine, rec: dict) -> None:
-    """Hand the step's record to DeepSpeed's monitors (the config's tensorboard / csv_monitor /
-    wandb sections), when any is enabled."""
-    monitor = getattr(engine, "monitor", None)
-    if monitor is None or not getattr(monitor, "enabled", False):
-        return
-    monitor.write_events([(f"Train/megamm/{k}", float(v), rec["step"]) for k, v in rec.items()
-                          if k != "step" and isinstance(v, (int, float))])
+    final_eval = args.final_eval if args.final_eval is not None else (args.data is None and bool(save_dir))
+    if final_eval and rank == 0 and has_latest(save_dir) and hooks.final_eval is not None:
+        final_report(save_dir, hooks.final_eval)
+    return logger.records
 
 
 class FinalEvalError(RuntimeError):
     """The run trained and saved, but evaluating its final checkpoint failed."""
 
 
-def final_report(save_dir: Path) -> None:
-    """tools/evaluate.py on the run's final checkpoint; prints where the report and samples are."""
-    out = save_dir / "report.json"
-    print(f"evaluating the final checkpoint ({save_dir / checkpoint.latest_tag(save_dir)}) ...", flush=True)
+def final_report(save_dir: Path, evaluate: Callable[[Path], None]) -> None:
+    """The final evaluation hook on the run's checkpoint; any failure becomes one line that
+    says the checkpoint is safe and how to evaluate it again."""
+    print(f"evaluating the final checkpoint ({save_dir / latest_tag(save_dir)}) ...", flush=True)
     try:
-        from megamm.demo.report import evaluate
-
-        report = evaluate(save_dir, out, log=lambda m: print(m, flush=True))
+        evaluate(save_dir)
     except Exception as e:  # noqa: BLE001 - the checkpoint is safe; say so in one line
         raise FinalEvalError(f"evaluating the final checkpoint failed ({type(e).__name__}: {e}); the checkpoint "
-                             f"is saved: python tools/evaluate.py --checkpoint {save_dir} --out {out}") from None
-    keys = ("test_nll_nats_per_dim", "text_to_image_digit_acc", "text_to_image_color_acc", "image_to_text_exact",
-            "audio_to_text_exact", "text_to_audio_word_acc")
-    print("report: " + ", ".join(f"{k} {report[k]:.3f}" for k in keys if k in report), flush=True)
-    print(f"samples: {report['samples_png']}" + (f"  curve: {report['curve_png']}" if "curve_png" in report else ""),
-          flush=True)
-    print(f"report written to {out}", flush=True)
+                             f"is saved: python tools/evaluate.py --checkpoint {save_dir} "
+                             f"--out {save_dir / 'report.json'}") from None

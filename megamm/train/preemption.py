@@ -22,6 +22,7 @@ import signal
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 PREEMPTED_EXIT = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -64,8 +65,6 @@ class StopRequest:
     def agreed(self, device: torch.device | str = "cpu") -> int:
         """Collective: the signal number if any rank received one, else 0. Every rank must call it
         at the same point (after each optimizer step)."""
-        import torch.distributed as dist
-
         flag = torch.tensor([self.received], dtype=torch.int64, device=device)  # [1]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -57,7 +57,7 @@ def main(data_dir: str, work: str, config: str) -> dict:
     device = init_distributed()
     from megamm.config import ConfigError, get_preset
     from megamm.data.loader import PackedLoader, open_split
-    from megamm.checkpoint import ds
+    from megamm.checkpoint.ds import hooks
     from megamm.train import bad_steps, checkpoint, ds_config
     from megamm.train.args import TrainArgs
     from megamm.parallel import Topology
@@ -66,7 +66,7 @@ def main(data_dir: str, work: str, config: str) -> dict:
     from megamm.vocab import Vocab
 
     args = TrainArgs(ds_config=config, seq_len=128, micro_batch=2, lr=5e-3, warmup=2)
-    ds_cfg = ds.enable_step_skip(ds_config.apply_overrides(ds_config.load(config), micro_batch=2, grad_accum=1,
+    ds_cfg = hooks.enable_step_skip(ds_config.apply_overrides(ds_config.load(config), micro_batch=2, grad_accum=1,
                                                                 lr=args.lr))
     cfg = get_preset("tiny").replace(max_seq_len=128)
     vocab = Vocab(cfg.vocab)

@@ -1,4 +1,5 @@
-"""What megamm hooks into a live DeepSpeed engine: the save hook and the step-skip hook.
+"""What megamm hooks into a live DeepSpeed engine: the save hook, the step-skip hook, and
+reading the live weights (`live_fp32_weights`, for samples without a checkpoint).
 
 Save hook: `recording_write_failures(engine, failures)`. Within the block a failed write
 inside `engine.save_checkpoint` — its checkpoint engine's `save(state, path)` and its
@@ -24,6 +25,9 @@ that turns the check off); `step_applied(engine)` and `skipped_steps(engine)` re
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
 
 from megamm.config import ConfigError
 
@@ -100,3 +104,11 @@ def step_applied(engine) -> bool:
 def skipped_steps(engine) -> int:
     """Optimizer steps the engine has skipped since it was built (or resumed)."""
     return int(engine.skipped_steps)
+
+
+def live_fp32_weights(engine) -> dict[str, torch.Tensor]:
+    """This rank's parameters, by engine name (the plain model's), as the fp32 master
+    weights the optimizer holds, whole over data parallelism (this rank's tensor-parallel
+    shard), copied to the CPU. A collective under ZeRO-3: every rank calls it."""
+    return {name: safe_get_full_fp32_param(p).detach().float().cpu().clone()
+            for name, p in engine.module.named_parameters()}

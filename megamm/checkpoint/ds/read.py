@@ -79,6 +79,12 @@ def layer_file(layer: int, tp_rank: int) -> str:
     return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
+def write_module_weights(step_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's weights as DeepSpeed's ZeRO-0, tp = 1 model file (what `read` takes
+    for a layout with no optimizer state: tools/convert_from_hf.py writes one)."""
+    torch.save({"module": state_dict}, Path(step_dir) / model_file(0))
+
+
 def plain_name_of(name: str, n_layers: int) -> str:
     """A parameter name from DeepSpeed's files -> its plain-model name (the identity, except
     for a pipeline checkpoint written before stages kept plain names)."""
