@@ -21,9 +21,9 @@ def torch_threads(n: int):
     """Run the block with `n` intra-op torch threads, then restore the previous count.
 
     Tokenizer training and the default build run single-threaded: the result is then
-    bit-identical on every machine, and a busy machine does not stall it (on a shared
-    2-core VM, two threads competing with other processes ran 10-20x slower than one).
-    Parallelism comes from separate processes instead.
+    bit-identical on every machine, and a busy machine does not stall it (oversubscribed
+    intra-op threads crawl when other processes share the cores). Parallelism comes from
+    separate processes instead.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(n)

@@ -99,8 +99,8 @@ def _segments(doc_ids):
 
 class _ToSlots(torch.autograd.Function):
     """x [B*S, ...] -> x[index] [T, ...], the packed slots; the gradient goes back with a
-    gather (grad[inverse]) instead of index_select's scatter-add (on the CPU a bf16
-    scatter-add of a layer's q/k/v cost ~0.5 ms each, several times the attention it feeds).
+    gather (grad[inverse]) instead of index_select's scatter-add (slow on the CPU in bf16;
+    commit 0988e1c has the profile).
     Exact because every position fills exactly one real slot and the padding slots' gradient
     is zero: their outputs are dropped (`_FromSlots`) and, sitting after their segment's real
     tokens, no causal query attends to them."""

@@ -108,7 +108,7 @@ def shutdown() -> None:
         # A gloo worker thread drops its last finished work (and the Python tensors it
         # holds) just after the barrier returns; if the interpreter is already finalizing
         # then, taking the GIL ends that thread and std::terminate aborts the process
-        # (exit 134 after a finished run, seen under mpirun on a loaded 2-core machine).
+        # (exit 134 after a finished run).
         # Let it happen while the interpreter is still whole.
         gc.collect()
         time.sleep(0.2)
