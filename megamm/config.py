@@ -142,13 +142,15 @@ class ModelConfig:
 
     def parameter_counts(self) -> dict[str, int]:
         """Exact parameters of the model this config builds, per part (no allocation):
-        `embedding` (table + one vector per modality), `block` (one of n_layers),
-        `blocks`, `final_norm`, `head` (0 when tied) and `total`. The one place that
-        counts parameters: the dry run, FLOPs/MFU and the memory estimator use it."""
+        `embedding` (table + one vector per modality), `block` (one of n_layers) =
+        `block_matrices` (attention + SwiGLU weights) + `block_norms` (its two RMSNorm
+        weights), `blocks`, `final_norm`, `head` (0 when tied) and `total`. The one place
+        that counts parameters: the dry run, FLOPs/MFU and the memory estimator use it."""
         v, d, hd = self.vocab.padded_size, self.d_model, self.head_dim
-        attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-        block = attn + 3 * d * self.ffn_dim + 2 * d  # + SwiGLU + two norms
-        counts = {"embedding": v * d + 4 * d, "block": block, "blocks": self.n_layers * block,
+        matrices = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2) + 3 * d * self.ffn_dim  # attn + SwiGLU
+        block = matrices + 2 * d
+        counts = {"embedding": v * d + 4 * d, "block": block, "block_matrices": matrices,
+                  "block_norms": 2 * d, "blocks": self.n_layers * block,
                   "final_norm": d, "head": 0 if self.tie_embeddings else v * d}
         counts["total"] = counts["embedding"] + counts["blocks"] + d + counts["head"]
         return counts

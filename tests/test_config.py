@@ -61,6 +61,7 @@ def test_parameter_parts_add_up(name):
     c = PRESETS[name].parameter_counts()
     assert c["total"] == c["embedding"] + c["blocks"] + c["final_norm"] + c["head"]
     assert c["blocks"] == PRESETS[name].n_layers * c["block"]
+    assert c["block"] == c["block_matrices"] + c["block_norms"]
 
 
 @pytest.mark.parametrize("tp, culprit", [(3, "n_kv_heads=8"), (16, "n_kv_heads=8"), (0, "--tp must be >= 1")])

@@ -7,19 +7,32 @@
 Reads the same objects as training: the preset from megamm.config, the DeepSpeed JSON
 through megamm.train.ds_config (a bare name resolves against ds_configs/). Prints the
 breakdown (megamm/train/memory.py says what each item counts) and ends with the two
-lines `GPU: N GB` and `host: N GB` (decimal GB, per rank). An impossible layout ends
-with one line naming the culprit and exit status 2.
+lines `GPU: N GB` and `host: N GB` (decimal GB, per rank). A layout training would
+refuse (megamm.train.engine.check_layout, the same check) ends with one line naming the
+culprit and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+
+def _import_engine_quietly() -> None:
+    """Import megamm.train.engine (the layout check; it imports DeepSpeed) without the warning
+    DeepSpeed's accelerator probe logs to stdout on a machine without a GPU: stdout is the report."""
+    logging.disable(logging.WARNING)
+    try:
+        import megamm.train.engine  # noqa: F401
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def main(argv=None) -> int:
     from megamm.config import PRESETS, ConfigError, get_preset
     from megamm.train import ds_config
-    from megamm.train.memory import Layout, estimate
+    from megamm.parallel.topology import Topology
+    from megamm.train.memory import estimate
 
     p = argparse.ArgumentParser(prog="tools/estimate_memory.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
@@ -34,17 +47,18 @@ def main(argv=None) -> int:
     p.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: the accelerator's memory is host memory (no CUDA context)")
     a = p.parse_args(argv)
+    _import_engine_quietly()
     try:
         cfg = get_preset(a.model)
         ds_cfg = ds_config.apply_overrides(ds_config.load(a.ds_config), micro_batch=a.micro_batch)
         ckpt = a.activation_checkpointing or cfg.activation_checkpointing or "activation_checkpointing" in ds_cfg
-        est = estimate(cfg, ds_cfg, Layout(gpus=a.gpus, tp=a.tp, pp=a.pp), a.micro_batch, a.seq_len,
-                       ckpt, accelerator=a.accelerator)
+        topo = Topology.for_world(a.gpus, tp=a.tp, pp=a.pp)
+        est = estimate(cfg, ds_cfg, topo, a.micro_batch, a.seq_len, ckpt, accelerator=a.accelerator)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"{a.model} ({cfg.num_parameters():,} parameters) x {a.ds_config} x {a.gpus} rank(s) "
-          f"tp={a.tp} pp={a.pp} dp={a.gpus // (a.tp * a.pp)}, micro-batch {a.micro_batch} x {a.seq_len} "
+          f"tp={topo.tp} pp={topo.pp} dp={topo.dp}, micro-batch {a.micro_batch} x {a.seq_len} "
           f"tokens, activation checkpointing {'on' if ckpt else 'off'}, per rank:")
     print(est.report())
     return 0

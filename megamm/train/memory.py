@@ -1,17 +1,20 @@
 """Peak memory of one training rank, predicted from the config objects training reads.
 
-    estimate(model_cfg, ds_cfg, Layout(gpus, tp, pp), micro_batch, seq_len, checkpointing)
+    estimate(model_cfg, ds_cfg, Topology.for_world(gpus, tp, pp), micro_batch, seq_len, checkpointing)
         -> MemoryEstimate: items (name, where, bytes, note), totals per place
+
+A layout is estimated only if training would run it: the one layout check is
+`megamm.train.engine.check_layout` (without sequence parallelism, which is not modelled).
 
 `where` is "gpu" (the accelerator), "host" (CPU RAM of the rank's process) or "nvme".
 On a CPU-only run the accelerator *is* host memory, so there gpu + host together
 predict the process's peak resident set.
 
-The parameter count is `ModelConfig.num_parameters()` (the one counter); this module
-only splits it into per-rank shards: tensor parallelism splits the attention/MLP
+The parameters are `ModelConfig.parameter_counts()` (the one counter); this module only
+splits its parts into per-rank shards: tensor parallelism splits the attention/MLP
 matrices and the vocabulary tables (embedding, head) across tp ranks, norms are
-replicated; pipeline parallelism splits layers across pp stages (the largest stage
-is the peak); ZeRO splits what its stage partitions across the dp ranks.
+replicated; pipeline parallelism splits blocks across pp stages (the largest stage is
+the peak); ZeRO splits what its stage partitions across the dp ranks.
 
 What each item counts (bytes per rank; P = parameters of the rank, dp = data parallel):
 
@@ -30,12 +33,14 @@ What each item counts (bytes per rank; P = parameters of the rank, dp = data par
                         plus one layer recomputed)
     logits and loss     the widest grammar-allowed logits block of a micro-batch (with tp: the
                         whole vocabulary shard): 16-bit and fp32 logits and their gradients
+    model construction  CPU only: the whole model as first built, freed but kept resident by
+                        the allocator (4 B/param under ZeRO 0-2, 3 B/param under ZeRO-3)
     baseline            the process before any tensor: interpreter + torch + DeepSpeed (+ its
                         C++ ops); on a GPU also the CUDA context
 
-The CPU baseline is measured (benchmarks/memory_baseline.py, recorded in
-benchmarks/results/memory_baseline-cpu.json); the GPU-machine baselines are not yet
-measured here and are marked as assumptions in their notes.
+The CPU constants are calibrated against measured peaks (benchmarks/results/
+memory_baseline-cpu.json, estimate_memory_vs_rss-cpu.json); the GPU-machine baselines
+are assumptions, marked so in their notes.
 """
 from __future__ import annotations
 
@@ -43,11 +48,12 @@ import math
 from dataclasses import dataclass
 
 from megamm.config import ConfigError, ModelConfig
+from megamm.parallel.topology import Topology
 from megamm.train import ds_config
 
 # Peak RSS of one rank that imported torch + deepspeed, joined a gloo group and built a
-# DeepSpeed engine (with its Adam op) on a one-parameter model: benchmarks/memory_baseline.py
-# on the 2-core CPU machine, torch 2.13.0+cpu, deepspeed 0.19.8 (see its results JSON).
+# DeepSpeed engine (with its Adam op) on a one-parameter model: benchmarks/memory_baseline.py,
+# whose results file records the machine and versions (benchmarks/results/memory_baseline-cpu.json).
 CPU_PROCESS_BASELINE = 0.475e9
 # Assumptions until benchmarks/gpu_suite.sh measures them: host RSS of a CUDA torch +
 # DeepSpeed rank (CUDA libraries mapped and touched) and the CUDA context + cuBLAS
@@ -78,47 +84,6 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-class LayoutError(ConfigError):
-    """A parallel layout that cannot run (one line naming the culprit)."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    gpus: int
-    tp: int = 1
-    pp: int = 1
-
-    def __post_init__(self):
-        for name in ("gpus", "tp", "pp"):
-            if getattr(self, name) < 1:
-                raise LayoutError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.gpus % (self.tp * self.pp):
-            raise LayoutError(f"--gpus {self.gpus} is not divisible by tp x pp = {self.tp} x {self.pp}")
-
-    @property
-    def dp(self) -> int:
-        return self.gpus // (self.tp * self.pp)
-
-
-def check_layout(cfg: ModelConfig, ds_cfg: dict, layout: Layout) -> None:
-    """Raise LayoutError for a layout that training would refuse or could not shard."""
-    stage = ds_config.zero_stage(ds_cfg)
-    if layout.pp > 1 and stage >= 2:
-        raise LayoutError(f"pp={layout.pp} needs ZeRO stage 0 or 1 (DeepSpeed's pipeline engine "
-                          f"cannot run ZeRO-{stage}); TP x PP runs under zero1.json")
-    if layout.pp > cfg.n_layers:
-        raise LayoutError(f"pp={layout.pp} exceeds the model's {cfg.n_layers} layers")
-    for name in ("n_kv_heads", "n_heads", "ffn_dim"):
-        if getattr(cfg, name) % layout.tp:
-            raise LayoutError(f"tp={layout.tp} does not divide {name}={getattr(cfg, name)}")
-    if _shapes(cfg).vocab_rows % layout.tp:
-        raise LayoutError(f"tp={layout.tp} does not divide the padded vocabulary "
-                          f"({_shapes(cfg).vocab_rows} rows)")
-    z = ds_cfg.get("zero_optimization", {})
-    if stage < 3 and z.get("offload_param", {}).get("device", "none") != "none":
-        raise LayoutError(f"offload_param needs ZeRO stage 3, the config has stage {stage}")
 
 
 @dataclass(frozen=True)
@@ -153,44 +118,22 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f}" if n >= 1e9 else f"{n / 1e9:.2f}"
 
 
-# ---- shapes ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Shapes:
-    """The model's parameters split into the groups that shard differently."""
-
-    layer_matmul: int  # q/k/v/o + gate/up/down of one block (TP-split)
-    layer_norms: int  # the two RMSNorm weights of one block (replicated)
-    embed: int  # token table + modality vectors (TP-split along the vocabulary)
-    head: int  # output head rows (0 when tied)
-    vocab_rows: int  # padded vocabulary size
-    final_norm: int
-
-
-def _shapes(cfg: ModelConfig) -> _Shapes:
-    d = cfg.d_model
-    layer_matmul = d * cfg.head_dim * 2 * (cfg.n_heads + cfg.n_kv_heads) + 3 * d * cfg.ffn_dim
-    tables = cfg.num_parameters() - cfg.n_layers * (layer_matmul + 2 * d) - d
-    copies = 1 if cfg.tie_embeddings else 2
-    rows = (tables - 4 * d) // (copies * d)  # 4 modality vectors ride with the embedding
-    return _Shapes(layer_matmul=layer_matmul, layer_norms=2 * d, embed=rows * d + 4 * d,
-                   head=0 if cfg.tie_embeddings else rows * d, vocab_rows=rows, final_norm=d)
-
-
-def rank_parameters(cfg: ModelConfig, layout: Layout) -> int:
+# ---- per-rank shards --------------------------------------------------------------------
+def rank_parameters(cfg: ModelConfig, topo: Topology) -> int:
     """Parameters held by one rank of the largest pipeline stage (before ZeRO)."""
-    s = _shapes(cfg)
-    layers = math.ceil(cfg.n_layers / layout.pp)
-    body = layers * (s.layer_matmul // layout.tp + s.layer_norms)
-    if layout.pp == 1:
-        return body + (s.embed + s.head) // layout.tp + s.final_norm
-    first = body + s.embed // layout.tp
-    last = body + (s.head or s.embed) // layout.tp + s.final_norm  # a tied head holds the table
+    c, tp = cfg.parameter_counts(), topo.tp
+    layers = math.ceil(cfg.n_layers / topo.pp)
+    body = layers * (c["block_matrices"] // tp + c["block_norms"])
+    if topo.pp == 1:
+        return body + (c["embedding"] + c["head"]) // tp + c["final_norm"]
+    first = body + c["embedding"] // tp
+    last = body + (c["head"] or c["embedding"]) // tp + c["final_norm"]  # a tied head holds the table
     return max(first, last)
 
 
-def largest_tensor(cfg: ModelConfig, layout: Layout) -> int:
-    s = _shapes(cfg)
-    return max(s.vocab_rows * cfg.d_model // layout.tp, cfg.ffn_dim * cfg.d_model // layout.tp)
+def largest_tensor(cfg: ModelConfig, topo: Topology) -> int:
+    """Elements of the largest single weight of a rank: a vocabulary table or an FFN matrix."""
+    return max(cfg.vocab.padded_size * cfg.d_model // topo.tp, cfg.ffn_dim * cfg.d_model // topo.tp)
 
 
 # ---- the estimate ------------------------------------------------------------------------
@@ -218,17 +161,22 @@ def _offload_device(ds_cfg: dict, what: str) -> str:
     return ds_cfg.get("zero_optimization", {}).get(f"offload_{what}", {}).get("device", "none") or "none"
 
 
-def estimate(cfg: ModelConfig, ds_cfg: dict, layout: Layout, micro_batch: int, seq_len: int,
+def estimate(cfg: ModelConfig, ds_cfg: dict, topo: Topology, micro_batch: int, seq_len: int,
              activation_checkpointing: bool, accelerator: str = "cuda") -> MemoryEstimate:
     """Predicted peak memory per rank. `accelerator` is "cuda" or "cpu" (where the
-    accelerator's memory is host memory and there is no CUDA context)."""
+    accelerator's memory is host memory and there is no CUDA context). Raises ConfigError
+    (one line) for a layout training refuses and for inputs the estimate cannot model."""
+    from megamm.train.engine import check_layout  # imports torch + DeepSpeed; peak_rss_bytes must not
+
     if micro_batch < 1 or seq_len < 1:
-        raise LayoutError(f"--micro-batch and --seq-len must be >= 1, got {micro_batch} and {seq_len}")
+        raise ConfigError(f"--micro-batch and --seq-len must be >= 1, got {micro_batch} and {seq_len}")
     if accelerator not in ("cuda", "cpu"):
-        raise LayoutError(f"accelerator must be cuda or cpu, got {accelerator!r}")
-    check_layout(cfg, ds_cfg, layout)
-    stage, prec, dp = ds_config.zero_stage(ds_cfg), _Precision.of(ds_cfg), layout.dp
-    P = rank_parameters(cfg, layout)
+        raise ConfigError(f"accelerator must be cuda or cpu, got {accelerator!r}")
+    check_layout(cfg, ds_cfg, topo, sequence_parallel=False)
+    stage, prec, dp = ds_config.zero_stage(ds_cfg), _Precision.of(ds_cfg), topo.dp
+    if stage < 3 and _offload_device(ds_cfg, "param") != "none":  # DeepSpeed ignores it: nothing to count
+        raise ds_config.DSConfigError(f"offload_param needs ZeRO stage 3, the config has stage {stage}")
+    P = rank_parameters(cfg, topo)
     z = ds_cfg.get("zero_optimization", {})
     param_dev = {"none": "gpu", "cpu": "host", "nvme": "nvme"}[_offload_device(ds_cfg, "param")]
     opt_dev = {"none": "gpu", "cpu": "host", "nvme": "nvme"}[_offload_device(ds_cfg, "optimizer")]
@@ -251,22 +199,19 @@ def estimate(cfg: ModelConfig, ds_cfg: dict, layout: Layout, micro_batch: int, s
     add("optimizer states", opt_dev, part * ADAM_MOMENTS * prec.state, f"Adam 2 x {prec.state} B/param")
     _offload_buffers(add, ds_cfg, prec, part)
     if stage == 3:
-        big = largest_tensor(cfg, layout)
+        big = largest_tensor(cfg, topo)
         prefetch = min(float(z.get("stage3_prefetch_bucket_size", 5e7)),
                        float(z.get("stage3_max_live_parameters", 1e9)), P)  # never more than the model
         add("gathered ZeRO-3 layers", "gpu", (2 * big + prefetch) * prec.model,
             "largest module + its full grad + prefetch bucket")
-    _activations(add, cfg, layout, micro_batch, seq_len, activation_checkpointing, prec.model)
-    _logits(add, cfg, layout, micro_batch, seq_len, prec.model)
+    _activations(add, cfg, topo, micro_batch, seq_len, activation_checkpointing, prec.model)
+    _logits(add, cfg, topo, micro_batch, seq_len, prec.model)
     if accelerator == "cpu":
         # The model is first built whole (fp32 under ZeRO 0-2, converted by DeepSpeed; in the
         # model dtype module by module under zero.Init) and freed; glibc keeps freed heap
         # pages of the (< 32 MB) tensors resident, so on CPU that copy stays in the peak RSS.
-        # Under zero.Init the peak is bimodal across identical runs: about every other run keeps
-        # one more block of 2 bytes a parameter resident (small, zero3_offload, bf16: 2.83-2.93 GB
-        # or 3.14-3.26 GB over 14 runs; a malloc_trim before deepspeed.initialize did not remove
-        # it). Counting either mode leaves the other outside 10% (2.85 vs 3.26, 3.14 vs 2.83), so
-        # the estimate sits between them: 3 bytes a parameter (both modes within 9%).
+        # Under ZeRO-3 the resident part varies between identical runs; 3 bytes a parameter is
+        # calibrated to the measured spread (benchmarks/results/estimate_memory_vs_rss-cpu.json).
         built = P * (4 if stage < 3 else 3)
         add("model construction copy", "host", built, "freed, kept resident by the CPU allocator")
         add("baseline", "host", CPU_PROCESS_BASELINE, "python + torch + deepspeed, measured")
@@ -312,17 +257,17 @@ def _offload_buffers(add, ds_cfg, prec, part):
         add("offload buffers (optimizer)", "host", n * prec.master, "buffer_count x sub-group, pinned")
 
 
-def _activations(add, cfg, layout, B, S, checkpointing, a):
+def _activations(add, cfg, topo, B, S, checkpointing, a):
     """Saved tensors of the forward pass (elements per token, x a bytes)."""
-    d, f, tp = cfg.d_model, cfg.ffn_dim, layout.tp
+    d, f, tp = cfg.d_model, cfg.ffn_dim, topo.tp
     kv = 2 * cfg.n_kv_heads * cfg.head_dim
     expanded = 2 * d if cfg.n_kv_heads != cfg.n_heads else 0  # GQA k/v repeated for SDPA
     # replicated: block input, attn-norm out, residual sum, mlp-norm out; split across
     # tp: q + k + v, expanded k/v, attention out, gate, up, silu(gate), gate*up
     per_layer = 4 * d + (d + kv + expanded + d + 4 * f) // tp
     tokens = B * S
-    layers = math.ceil(cfg.n_layers / layout.pp)
-    in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
+    layers = math.ceil(cfg.n_layers / topo.pp)
+    in_flight = topo.pp if topo.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
     if checkpointing:
         saved = layers * d + per_layer  # each layer's input + one layer recomputed
         note = "checkpointed: layer inputs + one recomputed layer"
@@ -332,15 +277,15 @@ def _activations(add, cfg, layout, B, S, checkpointing, a):
     add("activations", "gpu", tokens * saved * a * in_flight, f"{note}, {B}x{S} tokens")
 
 
-def _logits(add, cfg, layout, B, S, a):
+def _logits(add, cfg, topo, B, S, a):
     """The widest logits block of the loss: without tensor parallelism under the modality
     grammar, the text block (text ids + <eot>: the one-table head computes each position's
     allowed columns only, megamm.model.loss); otherwise the whole padded vocabulary, split
     over the tp ranks (the vocabulary-parallel softmax holds every column of its shard)."""
     v = cfg.vocab
-    if cfg.loss_scope != "full" and layout.tp == 1:
+    if cfg.loss_scope != "full" and topo.tp == 1:
         width = max(v.text_size + 1, v.image_codes, v.audio_codebook_size + 1)
     else:
-        width = math.ceil(_shapes(cfg).vocab_rows / layout.tp)
+        width = math.ceil(v.padded_size / topo.tp)
     add("logits and loss", "gpu", B * S * width * (2 * a + 2 * 4),
         f"{width:,} columns: {a}-byte + fp32 logits and their grads")

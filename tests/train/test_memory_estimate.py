@@ -21,7 +21,8 @@ from ds_ops import ensure_libaio
 from megamm.config import get_preset
 from megamm.data.synthetic import write_synthetic_dataset
 from megamm.train import ds_config
-from megamm.train.memory import Layout, estimate
+from megamm.parallel.topology import Topology
+from megamm.train.memory import estimate
 
 SEQ, STEPS = 32, 2
 # runs launch/train.py and, at exit, writes this process's own peak RSS (bytes) to $MEGAMM_TEST_RSS,
@@ -101,7 +102,7 @@ def test_estimate_is_within_10_percent_of_measured_peak_rss(runs, model, config)
     ds_cfg = ds_config.apply_overrides(ds_config.load(config), micro_batch=1, grad_accum=1)
     cfg = get_preset(model)
     ckpt = cfg.activation_checkpointing or "activation_checkpointing" in ds_cfg
-    est = estimate(cfg, ds_cfg, Layout(gpus=1), micro_batch=1, seq_len=SEQ,
+    est = estimate(cfg, ds_cfg, Topology.for_world(1), micro_batch=1, seq_len=SEQ,
                    activation_checkpointing=ckpt, accelerator="cpu")
     predicted = est.total("gpu") + est.total("host")
     print(f"{model} {config}: predicted {predicted / 1e9:.3f} GB, measured {rss / 1e9:.3f} GB")
@@ -126,22 +127,40 @@ def test_the_tool_prints_the_breakdown_and_the_two_final_lines():
 
 
 @pytest.mark.parametrize("argv,culprit", [
-    (["--model", "8b", "--ds_config", "zero3_offload.json", "--gpus", "2", "--pp", "2"], "pp=2 needs ZeRO stage 0 or 1"),
-    (["--model", "tiny", "--ds_config", "zero1.json", "--gpus", "3", "--tp", "3"], "tp=3 does not divide n_kv_heads=4"),
-    (["--model", "8b", "--ds_config", "zero1.json", "--gpus", "6", "--tp", "4"], "--gpus 6 is not divisible by tp x pp"),
-    (["--model", "8b", "--ds_config", "zero1.json", "--gpus", "64", "--pp", "64"], "pp=64 exceeds the model's 32 layers"),
+    (["--model", "8b", "--ds_config", "zero3_offload.json", "--gpus", "2", "--pp", "2"],
+     "--pp 2 needs ZeRO stage 0 or 1 (DeepSpeed's pipeline engine refuses ZeRO-2/3; this config has stage 3): "
+     "use --ds_config zero1_3d.json"),
+    (["--model", "tiny", "--ds_config", "zero1.json", "--gpus", "3", "--tp", "3"], "--tp 3 does not divide n_kv_heads=4"),
+    (["--model", "8b", "--ds_config", "zero1.json", "--gpus", "6", "--tp", "4"],
+     "world size 6 is not divisible by --tp x --pp = 4 x 1"),
+    (["--model", "8b", "--ds_config", "zero1.json", "--gpus", "64", "--pp", "64"],
+     "--pp 64 is more stages than the model's 35 layers"),
+    (["--model", "tiny", "--ds_config", "zero1.json", "--gpus", "8", "--pp", "8"],
+     "--pp 8 is more stages than the model's 7 layers"),
     (["--model", "9b", "--ds_config", "zero1.json", "--gpus", "1"], "unknown model preset '9b'"),
 ])
 def test_the_tool_refuses_impossible_layouts_in_one_line(argv, culprit, capsys):
+    assert _tool().main(argv + ["--micro-batch", "1", "--seq-len", "128"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and culprit in err, err
+
+
+def test_the_tool_estimates_every_layout_training_accepts(capsys):
+    """The tool's layout check is training's (megamm.train.engine.check_layout): the tiny
+    model's 7 pipeline layers (embedding, 4 blocks, norm, head) take up to 7 stages."""
+    assert _tool().main(["--model", "tiny", "--ds_config", "zero1_3d.json", "--gpus", "7", "--pp", "7",
+                         "--micro-batch", "1", "--seq-len", "128"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith("GPU: ")
+
+
+def _tool():
     from importlib import util
 
     spec = util.spec_from_file_location("estimate_memory", ROOT / "tools" / "estimate_memory.py")
     tool = util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.main(argv + ["--micro-batch", "1", "--seq-len", "128"]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert err.count("\n") == 1 and err.startswith("error: ") and culprit in err, err
+    return tool
 
 
 def test_peak_rss_is_the_process_own_not_its_parents():
