@@ -1,6 +1,13 @@
-"""Install megamm. `kernels/` is installed as `megamm.kernels` so it never shadows
-the unrelated PyPI package called `kernels`."""
-from setuptools import setup
+"""Install megamm. Two top-level folders are installed under the megamm package:
+`kernels/` as `megamm.kernels`, so it never shadows the unrelated PyPI package called
+`kernels`, and `ds_configs/` (JSON and README only) as `megamm.ds_configs`, so a bare
+`--ds_config NAME` resolves in an installed megamm as in a checkout
+(megamm/train/ds_config.py). Every package under megamm/ is found, not listed."""
+from setuptools import find_packages, setup
+
+# megamm.data has no __init__.py, so find_packages (regular packages only) cannot see it
+PACKAGES = sorted({*find_packages(include=["megamm", "megamm.*"]), "megamm.data",
+                   "megamm.kernels", "megamm.ds_configs"})
 
 setup(
     name="megamm",
@@ -8,18 +15,9 @@ setup(
     description="Scalable training of one decoder-only transformer over text, image and audio tokens",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=[
-        "megamm",
-        "megamm.model",
-        "megamm.parallel",
-        "megamm.data",
-        "megamm.train",
-        "megamm.tokenizers",
-        "megamm.eval",
-        "megamm.kernels",
-    ],
-    package_dir={"megamm.kernels": "kernels"},
-    package_data={"megamm": ["assets/*", "assets/**/*"]},
+    packages=PACKAGES,
+    package_dir={"megamm.kernels": "kernels", "megamm.ds_configs": "ds_configs"},
+    package_data={"megamm": ["assets/*", "assets/**/*"], "megamm.ds_configs": ["*.json", "README.md"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

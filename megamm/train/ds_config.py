@@ -1,7 +1,10 @@
 """Loading a DeepSpeed JSON config and applying the command line's overrides to it.
 
-A bare name (`zero3_offload.json` or `zero3_offload`) resolves against ds_configs/ of
-this checkout; a path is used as given. CLI flags win over the file.
+A bare name (`zero3_offload.json` or `zero3_offload`) resolves against the bundled
+configs, DS_CONFIG_DIR: the repository's ds_configs/, which setup.py installs as the
+package data `megamm.ds_configs`, so it is megamm/ds_configs/ in an installed megamm and
+ds_configs/ beside the megamm package in a source checkout (editable installs included).
+A path is used as given. CLI flags win over the file.
 """
 from __future__ import annotations
 
@@ -11,7 +14,14 @@ from pathlib import Path
 
 from megamm.config import ConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+def _bundled_dir() -> Path:
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "ds_configs"
+    return installed if installed.is_dir() else package.parent / "ds_configs"
+
+
+DS_CONFIG_DIR = _bundled_dir()
 
 
 class DSConfigError(ConfigError):
