@@ -18,10 +18,13 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
     HAS_TRITON = True
 except ImportError:  # e.g. a platform without Triton wheels
     triton = None
+    InterpretedFunction = JITFunction = None
     HAS_TRITON = False
 
     class _TritonLanguageStandIn:
@@ -58,12 +61,8 @@ class _Kernel:
         kernel = self._by_mode.get(interpret)
         if kernel is None:
             if interpret:
-                from triton.runtime.interpreter import InterpretedFunction
-
                 kernel = InterpretedFunction(self.fn)
             else:
-                from triton.runtime.jit import JITFunction
-
                 kernel = JITFunction(self.fn)
             self._by_mode[interpret] = kernel
         return kernel

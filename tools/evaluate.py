@@ -19,7 +19,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megamm.config import ConfigError
+from megamm.demo.report import EvalSettings, evaluate
 
 KEYS = ("test_nll_nats_per_dim", "test_loss_text", "test_loss_image", "test_loss_audio",
         "text_to_image_digit_acc", "text_to_image_color_acc", "image_to_text_exact",
@@ -39,10 +40,6 @@ def main(argv=None) -> int:
                     help="sampling temperature for text->image and text->audio (default 0.7)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from megamm.config import ConfigError
-    from megamm.demo.report import EvalSettings, evaluate
-    from megamm.generate import Sampling
-
     if args.examples < 1 or args.loss_examples < 0:
         print(f"evaluate: error: --examples must be >= 1 and --loss-examples >= 0", file=sys.stderr)
         return 2

@@ -20,7 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megamm.config import ConfigError
+from megamm.generate import Sampling, load_generator
+from megamm.media import MediaError, read_image, read_wav, write_png, write_wav
 
 
 class _Segment(argparse.Action):
@@ -57,9 +59,6 @@ def numbered(out: Path, n: int) -> list[Path]:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from megamm.config import ConfigError
-    from megamm.generate import Sampling, load_generator
-    from megamm.media import MediaError, read_image, read_wav, write_png, write_wav
 
     def fail(message: str) -> int:
         print(f"generate: error: {message}", file=sys.stderr)

@@ -38,6 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
+
+from megamm.data.documents import (DatasetWriter, DocumentMix, Example, build_document, encode_examples, example_rng,
+                                   split_of)
+from megamm.data.shards import verify_directory
+from megamm.demo.recipe import ensure_default_tokenizers
+from megamm.media import MediaError, read_image, read_wav
+from megamm.runtime import torch_threads
+from megamm.tokenizers import Tokenizers
+from megamm.vocab import Vocab
 
 CHUNK = 32
 """Manifest lines per worker task; fixed, so output does not depend on --workers."""
@@ -99,8 +110,6 @@ def parse_line(text: str, line_no: int) -> dict:
 
 def load_image(path: Path) -> np.ndarray:
     """An image file -> uint8 [H, W, 3] (megamm.media.read_image); raises BadLine."""
-    from megamm.media import MediaError, read_image
-
     try:
         return read_image(path)
     except MediaError as e:
@@ -110,8 +119,6 @@ def load_image(path: Path) -> np.ndarray:
 def load_audio(path: Path, sample_rate: int) -> tuple[np.ndarray, str | None]:
     """A PCM .wav -> (float32 mono [T] at `sample_rate`, note if it was resampled)
     (megamm.media.read_wav); raises BadLine."""
-    from megamm.media import MediaError, read_wav
-
     try:
         return read_wav(path, sample_rate)
     except MediaError as e:
@@ -123,10 +130,6 @@ _worker_tokenizers = None  # set once per worker process by _init_worker
 
 
 def _init_worker(tokenizers_dir: str) -> None:
-    import torch
-
-    from megamm.tokenizers import Tokenizers
-
     global _worker_tokenizers
     torch.set_num_threads(1)  # parallelism comes from processes; 1 thread = the same codes everywhere
     _worker_tokenizers = Tokenizers.load(tokenizers_dir)
@@ -135,8 +138,6 @@ def _init_worker(tokenizers_dir: str) -> None:
 def encode_chunk(task: tuple[str, list[tuple[int, dict]]], toks=None):
     """Load and encode one chunk of records -> [(line, EncodedExample | None, [Issue])].
     `toks`: the tokenizers (default: those _init_worker loaded in this worker)."""
-    from megamm.data.documents import Example, encode_examples
-
     base, items = task
     toks = toks or _worker_tokenizers
     loaded, out = [], []
@@ -164,13 +165,6 @@ def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, stric
             workers: int = 1, val_fraction: float = 0.05, seed: int = 0, mix=None,
             progress: bool = True) -> Report:
     """Manifest -> shards + meta.json in `out`. Raises PrepareError on fatal problems."""
-    from tqdm import tqdm
-
-    from megamm.data.documents import DatasetWriter, DocumentMix, build_document, example_rng, split_of
-    from megamm.demo.recipe import ensure_default_tokenizers
-    from megamm.tokenizers import Tokenizers
-    from megamm.vocab import Vocab
-
     start = time.perf_counter()
     mix = mix or DocumentMix()
     if not 0.0 <= val_fraction < 1.0:
@@ -254,8 +248,6 @@ def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, stric
 
 def _inline(tasks, toks):
     """encode_chunk over `tasks` in this process, single-threaded like the workers."""
-    from megamm.runtime import torch_threads
-
     for task in tasks:
         with torch_threads(1):
             result = encode_chunk(task, toks)
@@ -290,8 +282,6 @@ def summarise(report: Report) -> str:
 
 def verify(directory: Path) -> int:
     """--verify DIR: check every shard's checksums; exit status 0 if all are intact."""
-    from megamm.data.shards import verify_directory
-
     if not directory.is_dir():
         print(f"prepare_data: error: directory not found: {directory}", file=sys.stderr)
         return 2
@@ -325,8 +315,6 @@ def main(argv=None) -> int:
         return verify(args.verify)
     if args.manifest is None or args.out is None:
         ap.error("MANIFEST and --out are required (or --verify DIR)")
-
-    from megamm.data.documents import DocumentMix
 
     try:
         if args.workers < 1:

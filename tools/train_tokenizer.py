@@ -14,11 +14,13 @@ like the embedded painted digits; megamm/tokenizers/image.py) with a K-colour pa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from megamm.tokenizers import (AudioCodecConfig, AudioTokenizer, AudioTrainConfig, ImageTokenizer,
+                               ImageTokenizerConfig, ImageTrainConfig, TextTokenizer)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prepare_data import BadLine, load_audio, load_image, parse_line  # noqa: E402  (sibling tool)
@@ -60,9 +62,6 @@ def read_modality(manifest: Path, kind: str, strict: bool, sample_rate: int = 16
 
 
 def train(kind: str, values, args):
-    from megamm.tokenizers import (AudioCodecConfig, AudioTokenizer, AudioTrainConfig, ImageTokenizer,
-                                   ImageTokenizerConfig, ImageTrainConfig, TextTokenizer)
-
     progress = not args.quiet
     if kind == "text":
         return TextTokenizer.train(values, vocab_size=args.vocab_size)

@@ -40,6 +40,7 @@ class UnsafeCheckpointError(ConfigError):
 
 def deepspeed_types() -> list:
     """The non-tensor types DeepSpeed 0.19.8 pickles into its checkpoint files."""
+    # imported on first use: the checkpoint package reads files with torch alone, without importing DeepSpeed
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
