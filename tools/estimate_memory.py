@@ -8,32 +8,21 @@ Reads the same objects as training: the preset from megamm.config, the DeepSpeed
 through megamm.train.ds_config (a bare name resolves against ds_configs/). Prints the
 breakdown (megamm/train/memory.py says what each item counts) and ends with the two
 lines `GPU: N GB` and `host: N GB` (decimal GB, per rank). A layout training would
-refuse (megamm.train.engine.check_layout, the same check) ends with one line naming the
+refuse (megamm.train.layout.check_layout, the same check) ends with one line naming the
 culprit and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-
-def _import_engine_quietly() -> None:
-    """Import megamm.train.engine (the layout check; it imports DeepSpeed) without the warning
-    DeepSpeed's accelerator probe logs to stdout on a machine without a GPU: stdout is the report."""
-    logging.disable(logging.WARNING)
-    try:
-        import megamm.train.engine  # noqa: F401
-    finally:
-        logging.disable(logging.NOTSET)
+from megamm.config import PRESETS, ConfigError, get_preset
+from megamm.parallel.topology import Topology
+from megamm.train import ds_config
+from megamm.train.memory import estimate
 
 
 def main(argv=None) -> int:
-    from megamm.config import PRESETS, ConfigError, get_preset
-    from megamm.train import ds_config
-    from megamm.parallel.topology import Topology
-    from megamm.train.memory import estimate
-
     p = argparse.ArgumentParser(prog="tools/estimate_memory.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
     p.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True)
@@ -47,7 +36,6 @@ def main(argv=None) -> int:
     p.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: the accelerator's memory is host memory (no CUDA context)")
     a = p.parse_args(argv)
-    _import_engine_quietly()
     try:
         cfg = get_preset(a.model)
         ds_cfg = ds_config.apply_overrides(ds_config.load(a.ds_config), micro_batch=a.micro_batch)

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load as load_safetensors
-from sklearn.datasets import load_digits
 
 from megamm.media import write_wav
 
@@ -223,6 +222,10 @@ def _pick_paints(rng: np.random.Generator) -> tuple[tuple[str, str], tuple[str, 
 
 def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """(float [1797, 8, 8] intensities 0..16, int [1797] labels), bundled with scikit-learn."""
+    # scikit-learn is only the demo's data source: imported here, when digits are first
+    # needed, so a training process on other data never carries it (~80 MB of RSS)
+    from sklearn.datasets import load_digits
+
     d = load_digits()
     return d.images, d.target
 

@@ -17,7 +17,7 @@ import deepspeed
 import torch
 
 from megamm.checkpoint.ds.pipeline import pipeline_module
-from megamm.config import ConfigError, ModelConfig
+from megamm.config import ModelConfig
 from megamm.model.loss import N_STATS, GrammarTables
 from megamm.parallel.build import build_transformer
 from megamm.parallel.distributed import all_reduce_sum
@@ -27,26 +27,8 @@ from megamm.parallel.topology import ParallelGroups, Topology
 from megamm.train import ds_config
 from megamm.train.bad_steps import BadStepGuard
 from megamm.train.init_from import copy_into
+from megamm.train.layout import check_layout  # noqa: F401  (the engine's layout check, public here too)
 from megamm.vocab import MODALITY_NAMES, Vocab
-
-
-def check_layout(cfg: ModelConfig, ds_cfg: dict, topo: Topology, sequence_parallel: bool) -> None:
-    """Refuse, in one line naming the flag, a layout this model or DeepSpeed cannot run."""
-    cfg.check_tensor_parallel(topo.tp)
-    stage = ds_config.zero_stage(ds_cfg)
-    if topo.pp > 1 and stage > 1:
-        raise ConfigError(f"--pp {topo.pp} needs ZeRO stage 0 or 1 (DeepSpeed's pipeline engine refuses "
-                          f"ZeRO-2/3; this config has stage {stage}): use --ds_config zero1_3d.json, "
-                          f"or --pp 1 with ZeRO-3 + --tp for large models")
-    if topo.pp > cfg.n_layers + 3:
-        raise ConfigError(f"--pp {topo.pp} is more stages than the model's {cfg.n_layers + 3} layers "
-                          f"(embedding, {cfg.n_layers} blocks, norm, head)")
-    if sequence_parallel:
-        if topo.tp == 1:
-            raise ConfigError("--sequence-parallel needs --tp > 1 (it splits the sequence over the tp group)")
-        if cfg.max_seq_len % topo.tp:
-            raise ConfigError(f"--sequence-parallel needs --seq-len divisible by --tp {topo.tp}, "
-                              f"got {cfg.max_seq_len}")
 
 
 def _dtype(ds_cfg: dict) -> torch.dtype:

@@ -4,7 +4,7 @@
         -> MemoryEstimate: items (name, where, bytes, note), totals per place
 
 A layout is estimated only if training would run it: the one layout check is
-`megamm.train.engine.check_layout` (without sequence parallelism, which is not modelled).
+`megamm.train.layout.check_layout` (without sequence parallelism, which is not modelled).
 
 `where` is "gpu" (the accelerator), "host" (CPU RAM of the rank's process) or "nvme".
 On a CPU-only run the accelerator *is* host memory, so there gpu + host together
@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from megamm.config import ConfigError, ModelConfig
 from megamm.parallel.topology import Topology
 from megamm.train import ds_config
+from megamm.train.layout import check_layout
 
 # Peak RSS of one rank that imported torch + deepspeed, joined a gloo group and built a
 # DeepSpeed engine (with its Adam op) on a one-parameter model: benchmarks/memory_baseline.py,
@@ -166,7 +167,6 @@ def estimate(cfg: ModelConfig, ds_cfg: dict, topo: Topology, micro_batch: int, s
     """Predicted peak memory per rank. `accelerator` is "cuda" or "cpu" (where the
     accelerator's memory is host memory and there is no CUDA context). Raises ConfigError
     (one line) for a layout training refuses and for inputs the estimate cannot model."""
-    from megamm.train.engine import check_layout  # imports torch + DeepSpeed; peak_rss_bytes must not
 
     if micro_batch < 1 or seq_len < 1:
         raise ConfigError(f"--micro-batch and --seq-len must be >= 1, got {micro_batch} and {seq_len}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,7 +24,9 @@ from conftest import ROOT, free_port
 from transformers import LlamaForCausalLM
 
 import megamm
+from megamm.checkpoint import manifest
 from megamm.checkpoint.ds import universal
+from megamm.config import ConfigError
 
 SHORT = ["--model", "tiny", "--seq-len", 64, "--warmup", 1, "--lr", 3e-3, "--max-steps", 2, "--micro-batch", 1,
          "--grad-accum", 1, "--seed", 5, "--sample-interval", 2]
@@ -58,6 +61,7 @@ def runs(quick_data_dir, tmp_path_factory):
     (root / "nvme.json").write_text(json.dumps(nvme))
     zero0 = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
     zero0["zero_optimization"] = {"stage": 0}
+    zero0.pop("data_types", None)  # DeepSpeed accumulates bf16 gradients in fp32 only under ZeRO
     (root / "zero0.json").write_text(json.dumps(zero0))
     swap = {"NVME": str(root / "nvme.json"), "ZERO0": str(root / "zero0.json")}
     by_world: dict[int, list] = {}
@@ -122,3 +126,35 @@ def test_converts_generates_and_evaluates(runs, name, tmp_path, quick_cache, mon
                                    "--examples", "1", "--loss-examples", "2"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0.0 <= report["image_to_text_exact"] <= 1.0 and report["test_nll_nats_per_dim"] > 0
+
+
+def _legacy_pipeline_name(name: str, n_layers: int) -> str:
+    """A plain name as pipeline checkpoints written before stages kept plain names spelled it."""
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        return f"{int(index) + 1}.block.{rest}"
+    layer = {"embed": 0, "norm": n_layers + 1, "head": n_layers + 2}[name.split(".", 1)[0]]
+    return f"{layer}.{name}"
+
+
+def test_an_old_pipeline_resharded_checkpoint_still_loads_and_is_refused_for_resume(runs, tmp_path):
+    """Universal checkpoints resharded for --pp 2 before stages kept plain names hold
+    zero/<layer>.<attribute>.<rest>/: they load as the same model; resuming one is refused in
+    one line that says to reshard it again."""
+    out = _tool("reshard").reshard(runs["zero1_3d_pp2_dp1"], tmp_path / "new", 1, 2, log=lambda m: None)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    step = old / "step2"
+    n_layers = json.loads((step / "megamm.json").read_text())["model"]["n_layers"]
+    for d in sorted((step / universal.ZERO_DIR).iterdir()):
+        if d.is_dir():
+            d.rename(d.with_name(_legacy_pipeline_name(d.name, n_layers)))
+    manifest.write(step, manifest.entries(step, manifest.list_files(step)))
+    assert any(p.name.startswith("1.block.") for p in (step / universal.ZERO_DIR).iterdir())
+    a, b = megamm.load_model(out).state_dict(), megamm.load_model(old).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((step / "megamm.json").read_text())
+    with pytest.raises(ConfigError, match="run tools/reshard.py on it again"):
+        universal.resume_config(meta, 1, 2, {"zero_optimization": {"stage": 1}}, step)
+    assert universal.resume_config(json.loads((out / "step2" / "megamm.json").read_text()), 1, 2,
+                                   {"zero_optimization": {"stage": 1}}, out / "step2")

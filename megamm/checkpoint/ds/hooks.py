@@ -107,8 +107,13 @@ def skipped_steps(engine) -> int:
 
 
 def live_fp32_weights(engine) -> dict[str, torch.Tensor]:
-    """This rank's parameters, by engine name (the plain model's), as the fp32 master
-    weights the optimizer holds, whole over data parallelism (this rank's tensor-parallel
-    shard), copied to the CPU. A collective under ZeRO-3: every rank calls it."""
-    return {name: safe_get_full_fp32_param(p).detach().float().cpu().clone()
-            for name, p in engine.module.named_parameters()}
+    """This rank's parameters, by engine name (the plain model's), in fp32 on the CPU: the
+    master weights the optimizer holds, whole over data parallelism (this rank's
+    tensor-parallel shard), or the module's own weight where the engine keeps no master
+    copy (ZeRO-0 under bf16) — the same choice `read(ckpt).weight` makes for its checkpoint.
+    A collective under ZeRO-3: every rank calls it."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        out[name] = (p if master is None else master).detach().float().cpu().clone()
+    return out
