@@ -23,7 +23,9 @@ def keep_live_weights(model, tokenizers_dir, out_dir: Path, step: int) -> None:
 
 
 def main(path: str) -> int:
+    fresh = torch.initial_seed()  # torch's seed as a new process starts with it
     for args in json.loads(Path(path).read_text()):
+        torch.manual_seed(fresh)  # each run starts as a launch of its own would
         run(parse([str(a) for a in args] + ["--no-progress"]), Hooks(sample=keep_live_weights))
         gc.collect()  # the previous engine's buffers before the next one is built
     shutdown()

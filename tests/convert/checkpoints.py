@@ -23,6 +23,7 @@ _spec = importlib.util.spec_from_file_location("train_test_helpers", ROOT / "tes
 _train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_train)
 run_train = _train.run_train
+run_many = _train.run_many
 
 TEXTS = ["the red digit seven is spoken slowly", "a blue three and a green five",
          "hello world, this is megamm", "numbers: one two three four five six seven eight nine zero"] * 8
@@ -62,6 +63,13 @@ def train(data: Path, save_dir: Path, layout: str, extra=()) -> Path:
     proc = run_train(["--data", data, *BASE, *flags, *extra, "--save-dir", save_dir], ranks=ranks)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return save_dir
+
+
+def train_all(data: Path, root: Path, layouts) -> dict[str, Path]:
+    """train() for several layouts, sharing one launch per world size; layout -> save dir."""
+    run_many({layout: (["--data", data, *BASE, *LAYOUTS[layout][0], "--save-dir", root / layout], LAYOUTS[layout][1])
+              for layout in layouts}, root)
+    return {layout: root / layout for layout in layouts}
 
 
 def tool(name: str, *args) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import LAYOUTS, single_document, tool, train, write_data
+from checkpoints import LAYOUTS, single_document, tool, train, train_all, write_data
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import megamm
@@ -20,8 +20,7 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("to_hf")
     data = write_data(root)
     out = {}
-    for layout in LAYOUTS:
-        save = train(data, root / layout, layout)
+    for layout, save in train_all(data, root, LAYOUTS).items():
         proc = tool("convert_to_hf.py", "--checkpoint", save, "--out", root / f"{layout}_hf", "--dtype", "fp32")
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[layout] = (save, root / f"{layout}_hf")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import losses, run_train
+from conftest import losses, run_many, run_train
 
 import megamm
 
@@ -93,10 +93,9 @@ def test_data_parallel_layouts_match_the_single_process(tiny_data, tmp_path):
         "dp2_zero1": (["--ds_config", "zero1.json", "--micro-batch", 2, "--grad-accum", 1], 2),
         "dp2_zero3": (["--ds_config", "zero3_offload.json", "--micro-batch", 1, "--grad-accum", 2], 2),
     }
-    logs = {}
-    for name, (extra, ranks) in runs.items():
-        check(run_train(base + extra + ["--save-dir", tmp_path / name], ranks=ranks))
-        logs[name] = losses(tmp_path / name)
+    run_many({name: (base + extra + ["--save-dir", tmp_path / name], ranks) for name, (extra, ranks) in runs.items()},
+             tmp_path)
+    logs = {name: losses(tmp_path / name) for name in runs}
     ref = logs.pop("dp1")
     for name, log in logs.items():
         for step in range(1, 5):

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, free_port
+from conftest import ROOT, run_many
 from transformers import LlamaForCausalLM
 
 import megamm
-from megamm.checkpoint import manifest
+from megamm.checkpoint import CheckpointError, ds, manifest
 from megamm.checkpoint.ds import universal
 from megamm.config import ConfigError
 
-SHORT = ["--model", "tiny", "--seq-len", 64, "--warmup", 1, "--lr", 3e-3, "--max-steps", 2, "--micro-batch", 1,
+SHORT = ["--model", "tiny", "--seq-len", 512, "--warmup", 1, "--lr", 3e-3, "--max-steps", 2, "--micro-batch", 1,
          "--grad-accum", 1, "--seed", 5, "--sample-interval", 2]
 PIPELINE = ["--ds_config", "zero1_3d.json", "--pp", 2]
 # run name -> (flags, world size); the precision is each config's own
@@ -64,18 +61,8 @@ def runs(quick_data_dir, tmp_path_factory):
     zero0.pop("data_types", None)  # DeepSpeed accumulates bf16 gradients in fp32 only under ZeRO
     (root / "zero0.json").write_text(json.dumps(zero0))
     swap = {"NVME": str(root / "nvme.json"), "ZERO0": str(root / "zero0.json")}
-    by_world: dict[int, list] = {}
-    for name, (flags, world) in RUNS.items():
-        flags = [swap.get(str(f), f) for f in flags]
-        by_world.setdefault(world, []).append(["--data", quick_data_dir, *SHORT, *flags, "--save-dir", root / name])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for world, arg_lists in sorted(by_world.items()):
-        plan = root / f"world{world}.json"
-        plan.write_text(json.dumps([[str(a) for a in args] for args in arg_lists]))
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-                               "--master_port", str(free_port()), "tests/checkpoint/many_runs.py", str(plan)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_many({name: (["--data", quick_data_dir, *SHORT, *[swap.get(str(f), f) for f in flags],
+                      "--save-dir", root / name], world) for name, (flags, world) in RUNS.items()}, root)
     return {name: root / name for name in RUNS}
 
 
@@ -88,9 +75,17 @@ def _torch_path(monkeypatch):
 def test_load_model_equals_the_master_weights_reshard_writes(runs, name, tmp_path):
     save = runs[name]
     model = megamm.load_model(save)
+    mine = model.state_dict()
+    if name == "zero0_bf16":  # no fp32 copy: load_model gives the 16-bit module weights, reshard refuses
+        state = ds.read(save / "step2")
+        assert not state.has_optimizer_state
+        for param in state.names:
+            assert torch.equal(mine[param], state.module_weight(param).float()), param
+        with pytest.raises(CheckpointError, match="no ZeRO optimizer partitions"):
+            _tool("reshard").reshard(save, tmp_path / "universal", 1, 1, log=lambda m: None)
+        return
     out = _tool("reshard").reshard(save, tmp_path / "universal", 1, 1, log=lambda m: None)
     resharded = out / "step2"
-    mine = model.state_dict()
     stored = universal.param_names(resharded)
     assert stored and set(stored) <= set(mine)
     for param in stored:
@@ -113,7 +108,7 @@ def test_converts_generates_and_evaluates(runs, name, tmp_path, quick_cache, mon
     ours = megamm.load_model(save)
     hf = _tool("convert_to_hf").convert(save, tmp_path / "hf", dtype="fp32", log=lambda m: None)
     theirs = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    ids = torch.randint(0, ours.vocab.text_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, ours.config.vocab.text_size, (2, 32), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = ours.vocab.bos
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4

@@ -1,11 +1,12 @@
 """Real `deepspeed` launches on CPU (gloo): every parallel layout trains the single
 process's loss curve (fp32), its checkpoints load as the same plain model, and a
-3D run resumes on its own curve. One launch per layout, shared by the assertions."""
+3D run resumes on its own curve. One launch per world size, shared by the layouts and the
+assertions."""
 import shutil
 
 import pytest
 import torch
-from conftest import losses, run_train
+from conftest import losses, run_many, run_train
 
 import megamm
 
@@ -31,9 +32,8 @@ def check(proc):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("layouts")
-    for name, (extra, ranks) in LAYOUTS.items():
-        check(run_train(["--data", tiny_data, *BASE, *extra, "--save-dir", root / name],
-                        ranks=ranks if ranks > 1 else None))
+    run_many({name: (["--data", tiny_data, *BASE, *extra, "--save-dir", root / name], ranks)
+              for name, (extra, ranks) in LAYOUTS.items()}, root)
     return root
 
 

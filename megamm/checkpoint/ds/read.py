@@ -25,6 +25,10 @@ Where the pieces lie (files are memory-mapped; one parameter is assembled at a t
     equal parts (the last padded); each rank's sub-group buffers, read one after another,
     hold its part of every parameter in the order of `param_shapes` (in
     zero_pp_rank_<dp>_mp_rank_<tp>_model_states.pt).
+    Under NVMe offload those buffers are empty placeholders and the values sit in
+    offloaded_tensors/rank<global rank>/<id>.tensor.swp (fp32 masters),
+    exp_avg-<id>.tensor.swp and exp_avg_sq-<id>.tensor.swp: raw fp32, one file per
+    sub-group (ordered by the first number of <id>), padded at the end.
   ZeRO-0: no partitions; the module weights of mp_rank_<tp>_model_states.pt ("module").
   Module weights under a pipeline: layer_<LL>-model_<tp>-model_states.pt, one file per
     pipeline layer (megamm.model.transformer.stage_paths order) whose keys are the stage's own
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from megamm.checkpoint.ds import universal
@@ -52,6 +57,7 @@ from megamm.checkpoint.layout import CheckpointError, read_meta
 from megamm.config import ModelConfig
 from megamm.model import Transformer
 from megamm.model.transformer import stage_paths
+from megamm.parallel.topology import Topology
 from megamm.parallel.tensor_parallel import merge_shard
 
 STATES = universal.STATES
@@ -318,6 +324,18 @@ def _narrow_stream(flats: list[torch.Tensor], offset: int, numel: int) -> torch.
     return torch.cat(out) if len(out) != 1 else out[0]
 
 
+def _swapped(ckpt: Path, rank: int, key: str, n_groups: int) -> list[torch.Tensor]:
+    """The NVMe-offloaded buffers of `key` of global rank `rank`, one per sub-group."""
+    folder = ckpt / "offloaded_tensors" / f"rank{rank:02d}"
+    prefix = "" if key == "fp32" else f"{key}-"
+    files = [f for f in folder.glob(f"{prefix}*.tensor.swp") if key != "fp32" or not f.name.startswith("exp_avg")]
+    if len(files) != n_groups:
+        raise CheckpointError(f"{ckpt}: {len(files)} offloaded {key} file(s) in {folder}, the ZeRO-3 state "
+                              f"needs {n_groups}")
+    files.sort(key=lambda f: int(f.name.removeprefix(prefix).split("_")[0]))
+    return [torch.from_numpy(np.fromfile(f, dtype=np.float32)) for f in files]
+
+
 def _zero3(ckpt: Path, meta: dict, config: ModelConfig, layout: Layout) -> CheckpointState:
     tp, dp = layout.tp, layout.dp
     grid = _optim_files(ckpt, tp, dp)
@@ -333,12 +351,17 @@ def _zero3(ckpt: Path, meta: dict, config: ModelConfig, layout: Layout) -> Check
                 offset += math.ceil(numel / dp)
         layouts.append(places)
     osds = [[_load(f)["optimizer_state_dict"] for f in files] for files in grid]
+    topo = Topology(tp=tp, pp=1, dp=dp)
 
-    def flats(osd: dict, key: str) -> list[torch.Tensor]:
+    def flats(osd: dict, key: str, global_rank: int) -> list[torch.Tensor]:
+        n_groups = len(osd["fp32_flat_groups"])
         if key == "fp32":
-            return osd["fp32_flat_groups"]
-        state = osd["optimizer_state_dict"]["state"]
-        return [state[i][key] for i in range(len(osd["fp32_flat_groups"]))]
+            found = osd["fp32_flat_groups"]
+        else:
+            found = [osd["optimizer_state_dict"]["state"][i][key] for i in range(n_groups)]
+        if all(t.numel() == 0 for t in found):  # NVMe offload: the values are in swap files
+            return _swapped(ckpt, global_rank, key, n_groups)
+        return found
 
     def read_state(name: str, key: str) -> torch.Tensor:
         parts = []
@@ -347,7 +370,8 @@ def _zero3(ckpt: Path, meta: dict, config: ModelConfig, layout: Layout) -> Check
                 raise CheckpointError(f"{ckpt}: tensor-parallel rank {r} holds no {name}")
             offset, numel, shape = layouts[r][name]
             size = math.ceil(numel / dp)
-            whole = torch.cat([_narrow_stream(flats(osd, key), offset, size) for osd in osds[r]])
+            whole = torch.cat([_narrow_stream(flats(osd, key, topo.rank_of(0, d, r)), offset, size)
+                               for d, osd in enumerate(osds[r])])
             parts.append(_checked_shape(name, whole[:numel].float(), shape))
         return merge_shard(name, parts)
 
