@@ -41,16 +41,15 @@ from megamm.hf_folder import staged_output
 from megamm.model import Transformer
 from megamm.parallel.tensor_parallel import shard_dim
 from megamm.parallel.topology import Topology
+from megamm.train import layout
 
 
 def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
-    """Refuse, in one line, a layout this model cannot be cut into."""
-    cfg.check_tensor_parallel(tp)
+    """Refuse, in one line, a layout this model cannot be cut into: training's own layout
+    check (megamm.train.layout) for a ZeRO-1 run, which loads every layout's universal files."""
     if pp < 1:
         raise ConfigError(f"--pp must be >= 1, got {pp}")
-    if pp > cfg.n_layers + 3:
-        raise ConfigError(f"--pp {pp} is more stages than the model's {cfg.n_layers + 3} layers "
-                          f"(embedding, {cfg.n_layers} blocks, norm, head)")
+    layout.check_layout(cfg, {"zero_optimization": {"stage": 1}}, Topology(tp=tp, pp=pp, dp=1), False)
     if pp > 1 and cfg.tie_embeddings:
         raise ConfigError("tie_embeddings with --pp > 1 is not supported; use --pp 1")
 
