@@ -11,21 +11,28 @@ and saved but whose final evaluation failed, with one line and exit status 4. SI
 ends the run after the current step with a checkpoint and exit status 75
 (megamm/train/preemption.py).
 """
+import logging
 import os
 import sys
 from pathlib import Path
 
-from megamm.config import ConfigError
-from megamm.data.loader import DataError
-from megamm.data.shards import ShardError
-from megamm.demo.recipe import ensure_default_dataset
-from megamm.demo.report import evaluate, write_samples_from_model
-from megamm.parallel.distributed import shutdown
-from megamm.train.args import parse
-from megamm.train.bad_steps import BadStepsError
-from megamm.train.checkpoint import CheckpointSaveError
-from megamm.train.loop import FinalEvalError, Hooks, run
-from megamm.train.preemption import PREEMPTED_EXIT, Preempted
+# Importing DeepSpeed logs its accelerator probe ("Setting accelerator to CPU") to stdout,
+# where --dry-run prints its report: the imports run with warnings off.
+logging.disable(logging.WARNING)
+try:
+    from megamm.config import ConfigError
+    from megamm.data.loader import DataError
+    from megamm.data.shards import ShardError
+    from megamm.demo.recipe import ensure_default_dataset
+    from megamm.demo.report import evaluate, write_samples_from_model
+    from megamm.parallel.distributed import shutdown
+    from megamm.train.args import parse
+    from megamm.train.bad_steps import BadStepsError
+    from megamm.train.checkpoint import CheckpointSaveError
+    from megamm.train.loop import FinalEvalError, Hooks, run
+    from megamm.train.preemption import PREEMPTED_EXIT, Preempted
+finally:
+    logging.disable(logging.NOTSET)
 
 REPORT_KEYS = ("test_nll_nats_per_dim", "text_to_image_digit_acc", "text_to_image_color_acc", "image_to_text_exact",
                "audio_to_text_exact", "text_to_audio_word_acc")
