@@ -238,6 +238,13 @@ class MultimodalGenerator:
         return [self.decode(to, ids) for ids in self.generate_ids(segments, to, num_samples, sampling)]
 
 
+def tokenizers_fit(model_vocab, tokenizers: Tokenizers) -> bool:
+    """Whether `tokenizers` make the vocabulary `model_vocab` (a VocabConfig) was built for."""
+    theirs = tokenizers.vocab_config(model_vocab.n_special)
+    return (theirs.text_size, theirs.image_codes, theirs.audio_codebook_size) == (
+        model_vocab.text_size, model_vocab.image_codes, model_vocab.audio_codebook_size)
+
+
 def load_generator(checkpoint, device="cpu") -> MultimodalGenerator:
     """A MultimodalGenerator from a checkpoint directory alone (save dir or step dir):
     the weights of any layout, consolidated, and the tokenizers the checkpoint carries."""
@@ -251,8 +258,6 @@ def load_generator(checkpoint, device="cpu") -> MultimodalGenerator:
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{ckpt}: its tokenizers at {tok_dir} are unreadable ({e})") from None
     model = load_model(ckpt).to(device)
-    vocab = tokenizers.vocab_config(model.config.vocab.n_special)
-    if (vocab.text_size, vocab.image_codes, vocab.audio_codebook_size) != (
-            model.config.vocab.text_size, model.config.vocab.image_codes, model.config.vocab.audio_codebook_size):
+    if not tokenizers_fit(model.config.vocab, tokenizers):
         raise CheckpointError(f"{ckpt}: its tokenizers do not match the model's vocabulary")
     return MultimodalGenerator(model, tokenizers)

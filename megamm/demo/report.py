@@ -43,7 +43,7 @@ from megamm.demo.pictures import image_grid, line_plot
 from megamm.eval.curve import training_curve
 from megamm.eval.generation import generate_batched
 from megamm.eval.losses import test_losses
-from megamm.generate import MultimodalGenerator, Sampling, load_generator
+from megamm.generate import MultimodalGenerator, Sampling, load_generator, tokenizers_fit
 from megamm.media import write_png, write_wav
 from megamm.tokenizers import Tokenizers
 
@@ -177,10 +177,7 @@ def write_samples_from_model(model: torch.nn.Module, tokenizers_dir: str | Path 
     if tokenizers_dir is None:
         raise ValueError("samples need the text, image and audio tokenizers, and the data carries none")
     tokenizers = Tokenizers.load(tokenizers_dir)
-    ours = model.config.vocab
-    theirs = tokenizers.vocab_config(ours.n_special)
-    if (theirs.text_size, theirs.image_codes, theirs.audio_codebook_size) != (
-            ours.text_size, ours.image_codes, ours.audio_codebook_size):
+    if not tokenizers_fit(model.config.vocab, tokenizers):
         raise ValueError(f"the tokenizers at {tokenizers_dir} do not match the model's vocabulary")
     modes = [(m, m.training) for m in model.modules()]
     try:
