@@ -20,7 +20,10 @@ from megamm.model import Transformer
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole plain model (tied head included) from checkpoint dir `ckpt`."""
-    state = ds.read(ckpt)
+    return _weights(ds.read(ckpt))
+
+
+def _weights(state: ds.CheckpointState) -> dict[str, torch.Tensor]:
     sd = {name: state.weight(name).float() for name in state.names}
     if state.config.tie_embeddings and "embed.weight" in sd:
         sd["head.weight"] = sd["embed.weight"]
@@ -35,7 +38,7 @@ def load_model(path) -> Transformer:
     with torch.device("meta"):
         model = Transformer(state.config, device="meta")
     model.to_empty(device="cpu")
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
+    missing, unexpected = model.load_state_dict(_weights(state), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the model "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")

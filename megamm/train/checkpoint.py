@@ -69,9 +69,6 @@ def _agree(error: str | None) -> str | None:
     return next((e for e in _gather(error) if e), None)
 
 
-_attempt = hooks.attempt
-
-
 # ---- files ---------------------------------------------------------------------------------
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -124,21 +121,21 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int,
         shutil.rmtree(tmp_dir, ignore_errors=True)  # debris of a killed save
         tmp_dir.mkdir()
 
-    fail_if(_agree(_attempt(make_room) if rank == 0 else None))
+    fail_if(_agree(hooks.attempt(make_room) if rank == 0 else None))
 
     failures: list[str] = []
     with hooks.recording_write_failures(engine, failures):
         engine.save_checkpoint(str(save_dir), tag=tmp_dir.name, client_state=client_state, save_latest=False)
     if not failures:
-        error = _attempt(lambda: torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt"))
+        error = hooks.attempt(lambda: torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt"))
         if error is None and rank == 0:
-            error = _attempt(lambda: _write_meta(tmp_dir, meta))
+            error = hooks.attempt(lambda: _write_meta(tmp_dir, meta))
         failures += [error] if error else []
     fail_if(_agree(failures[0] if failures else None))
 
     files = _gather(manifest.list_files(tmp_dir) if rank == 0 else None)[0]  # one listing for all
     entries: dict[str, dict] = {}
-    error = _attempt(lambda: entries.update(manifest.entries(tmp_dir, manifest.share(files, rank, _world()),
+    error = hooks.attempt(lambda: entries.update(manifest.entries(tmp_dir, manifest.share(files, rank, _world()),
                                                              fsync=True)))
     gathered = _gather((error, entries))
     fail_if(next((e for e, _ in gathered if e), None))
@@ -153,7 +150,7 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int,
         _write_atomic(save_dir / LATEST, tag)
         shutil.rmtree(old, ignore_errors=True)
 
-    fail_if(_agree(_attempt(publish) if rank == 0 else None))
+    fail_if(_agree(hooks.attempt(publish) if rank == 0 else None))
     if keep_last:
         _prune(save_dir, step, keep_last, rank)
     return final_dir
