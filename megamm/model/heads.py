@@ -16,7 +16,7 @@ from torch import nn
 
 from megamm.config import ModelConfig
 from megamm.model.layers import normal_
-from megamm.model.loss import GrammarTables, grammar_loss
+from megamm.model.loss import DEFAULT_CHUNKING, GrammarTables, HeadChunking, grammar_loss
 from megamm.vocab import MODALITY_NAMES, Vocab
 
 
@@ -77,6 +77,7 @@ class OutputHead(nn.Module):
 
     vocab_start = 0  # first vocabulary row held here
     group = None  # process group over which the rows are split (None: all rows here)
+    chunking: HeadChunking = DEFAULT_CHUNKING  # how the loss cuts its rows and columns
 
     def __init__(self, cfg: ModelConfig, vocab: Vocab, device=None):
         super().__init__()
@@ -91,4 +92,4 @@ class OutputHead(nn.Module):
         if targets is None:
             return F.linear(h, self.weight)
         return grammar_loss(h, self.weight, self.vocab_start, states, targets, self.tables,
-                            self.cfg.loss_scope, self.cfg.z_loss, self.group)
+                            self.cfg.loss_scope, self.cfg.z_loss, self.group, self.chunking)

@@ -31,8 +31,8 @@ What each item counts (bytes per rank; P = parameters of the rank, dp = data par
                         gradient before the reduce-scatter
     activations         saved tensors of every layer (with checkpointing: each layer's input
                         plus one layer recomputed)
-    logits and loss     the widest grammar-allowed logits block of a micro-batch (with tp: the
-                        whole vocabulary shard): 16-bit and fp32 logits and their gradients
+    logits and loss     the head's largest chunk of logits (megamm.model.loss.HeadChunking:
+                        rows x columns of the widest span, bounded whatever the micro-batch)
     model construction  CPU only: the whole model as first built, freed but kept resident by
                         the allocator (4 B/param under ZeRO 0-2, 3 B/param under ZeRO-3)
     baseline            the process before any tensor: interpreter + torch + DeepSpeed (+ its
@@ -48,6 +48,7 @@ import math
 from dataclasses import dataclass
 
 from megamm.config import ConfigError, ModelConfig
+from megamm.model.loss import DEFAULT_CHUNKING, PAD_ROWS
 from megamm.parallel.topology import Topology
 from megamm.train import ds_config
 from megamm.train.layout import check_layout
@@ -278,14 +279,21 @@ def _activations(add, cfg, topo, B, S, checkpointing, a):
 
 
 def _logits(add, cfg, topo, B, S, a):
-    """The widest logits block of the loss: without tensor parallelism under the modality
-    grammar, the text block (text ids + <eot>: the one-table head computes each position's
-    allowed columns only, megamm.model.loss); otherwise the whole padded vocabulary, split
-    over the tp ranks (the vocabulary-parallel softmax holds every column of its shard)."""
+    """The head's largest live logits block (megamm.model.loss): one chunk of rows over
+    one column block of the widest span it computes, under the default HeadChunking.
+    Without the grammar ("full") the span is the whole padded vocabulary, otherwise the
+    widest state's (text ids + <eot>); with tp a rank holds at most its shard's columns.
+    The block lives in fp32, beside the 16-bit copy it is made from or cast to for the
+    gradient's matmuls (none in fp32); the gradient is computed in the forward, chunk by
+    chunk, so nothing else of the logits' size is held."""
     v = cfg.vocab
-    if cfg.loss_scope != "full" and topo.tp == 1:
+    if cfg.loss_scope != "full":
         width = max(v.text_size + 1, v.image_codes, v.audio_codebook_size + 1)
     else:
-        width = math.ceil(v.padded_size / topo.tp)
-    add("logits and loss", "gpu", B * S * width * (2 * a + 2 * 4),
-        f"{width:,} columns: {a}-byte + fp32 logits and their grads")
+        width = v.padded_size
+    chunking = DEFAULT_CHUNKING
+    rows = min(-(-B * S // PAD_ROWS) * PAD_ROWS, chunking.rows(width))
+    cols = chunking.columns(chunking.rows(width), min(width, math.ceil(v.padded_size / topo.tp)))
+    per = 4 + (a if a < 4 else 0)
+    add("logits and loss", "gpu", rows * cols * per,
+        f"{rows:,} rows x {cols:,} columns: one fp32 chunk (+ its {a}-byte copy)")

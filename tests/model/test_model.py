@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -111,7 +114,10 @@ def test_one_table_loss_equals_the_sharded_function_on_one_rank(scope, vocab_cfg
     against the vocabulary-parallel Function run with the whole table, a -inf mask and no
     group: same loss, stats, z-loss and gradients, on rows whose targets are random ids
     (many forbidden by the grammar, so not counted) and <pad> targets at the rows' ends."""
-    from megamm.model.loss import GrammarTables, _ShardedCrossEntropy, grammar_loss
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from head_reference import _ShardedCrossEntropy  # the dense vocabulary-parallel softmax of before
+
+    from megamm.model.loss import GrammarTables, grammar_loss
 
     v = Vocab(vocab_cfg)
     x, y = packed_batch(v, seed=9)

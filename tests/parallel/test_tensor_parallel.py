@@ -7,7 +7,7 @@ from dist_util import run_ranks
 
 from megamm.config import ModelConfig, VocabConfig
 from megamm.model import build_model
-from megamm.model.loss import GrammarTables, grammar_loss
+from megamm.model.loss import GrammarTables, HeadChunking, grammar_loss
 from megamm.parallel import TensorParallel, merge_shards, shard_dim
 from megamm.parallel.build import build_transformer
 from megamm.vocab import Vocab
@@ -73,16 +73,21 @@ def test_tp2_matches_the_plain_model(tp2_results, variant):
             torch.testing.assert_close(results[0][3][n], results[1][3][n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+# 16-row chunks (shorter than a document), spans wider than 7 columns in 7-column blocks
+LOSS_VARIANTS = [(scope, chunking) for scope in ("modality", "full")
+                 for chunking in (HeadChunking(), HeadChunking(elements=16 * 7, min_rows=16))]
+
+
 def _loss_shard(rank, world, h, w, states, targets):
     import torch.distributed as dist
 
     rows = w.shape[0] // world
     out = []
-    for scope in ("modality", "full"):
+    for scope, chunking in LOSS_VARIANTS:
         hr = h.clone().requires_grad_(True)
         shard = w[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
         loss, stats = grammar_loss(hr, shard, rank * rows, states, targets, GrammarTables(Vocab(VOCAB)),
-                                   scope, 0.01, dist.group.WORLD)
+                                   scope, 0.01, dist.group.WORLD, chunking)
         loss.backward()
         out.append((loss.item(), stats, hr.grad, shard.grad))
     return out
@@ -91,13 +96,14 @@ def _loss_shard(rank, world, h, w, states, targets):
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_grammar_loss_equals_the_full_one(world):
     """Shard boundaries at 64 (world 2) and 32/64/96 (world 4) cut the text, image and
-    audio id ranges; values and gradients equal the one-table loss."""
+    audio id ranges; values and gradients equal the one-table loss, with one chunk and
+    with chunks that cut the rows and columns."""
     torch.manual_seed(0)
     x, y = batch(seed=1)
     v = Vocab(VOCAB)
     h, w = torch.randn(x.numel(), 16), torch.randn(VOCAB.padded_size, 16) * 0.5
     per_rank = run_ranks(world, _loss_shard, h, w, v.states(x), y)
-    for i, scope in enumerate(("modality", "full")):
+    for i, (scope, _) in enumerate(LOSS_VARIANTS):
         hr, wr = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
         loss, stats = grammar_loss(hr, wr, 0, v.states(x), y, GrammarTables(v), scope, 0.01)
         loss.backward()
