@@ -17,6 +17,7 @@
 # time limit, and a failed step is recorded without stopping the rest):
 #   1. the bf16 kernel accuracy check                                           (kernels.py --check)
 #   2. kernels vs torch eager / torch.compile / Liger-Kernel / copy bandwidth  (benchmarks/kernels.py)
+#      (registers, spills and shared memory per kernel need no GPU: benchmarks/kernels_aot.py, on CPU)
 #   3. 8b, several steps under zero3_offload, capped at 48 GB with
 #      torch.cuda.set_per_process_memory_fraction, next to the estimator's prediction
 #   4. 1b throughput / TFLOP/s / MFU vs transformers.LlamaForCausalLM, zero2, both loss

@@ -6,12 +6,19 @@ time: ``triton.jit`` on its own fixes compiled-vs-interpreted when the kernel mo
 is imported, so kernels here are wrapped in :func:`triton_kernel`, which builds the
 compiled or the interpreted form on first launch in each mode.
 
+Every launch is first built as a :class:`Launch` (grid, runtime arguments in the
+kernel's parameter order, constexprs, num_warps) by one function per kernel; the
+wrappers call it, and :mod:`megamm.kernels.aot` builds the same launches on meta
+tensors to compile them for named GPUs without one.
+
 If Triton cannot be imported at all, :func:`kernels_available` is False and every
 public op runs its torch reference.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -67,6 +74,15 @@ class _Kernel:
             self._by_mode[interpret] = kernel
         return kernel
 
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    @property
+    def compiled(self):
+        """The compiled form (a ``triton.JITFunction``), whatever the environment says."""
+        return self._for_mode(False)
+
     def __getitem__(self, grid):
         return self._for_mode(interpreter_requested())[grid]
 
@@ -76,10 +92,29 @@ def triton_kernel(fn) -> _Kernel:
     return _Kernel(fn)
 
 
-def program_count(device: torch.device, per_sm: int = 4) -> int:
-    """A few programs per streaming multiprocessor: the grid of persistent kernels
-    (RMSNorm backward). On CPU (interpreter) a small fixed count is enough."""
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, complete: what Triton specializes a compiled kernel on (the
+    arguments' dtypes and values, the constexprs, num_warps) and the grid. ``args`` are
+    the runtime arguments in the kernel's parameter order (tensors, ints, floats)."""
+
+    kernel: _Kernel
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: Mapping[str, object]
+    num_warps: int
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+PROGRAMS_PER_SM = 4
+"""Programs per streaming multiprocessor in the grid of persistent kernels (RMSNorm backward)."""
+
+
+def program_count(device: torch.device) -> int:
+    """The grid of persistent kernels on ``device``: ``PROGRAMS_PER_SM`` per SM on CUDA.
+    On CPU (interpreter) a small fixed count is enough."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return per_sm * sms
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return 8

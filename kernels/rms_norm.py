@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import kernels_available, program_count, tl, triton, triton_kernel
+from .dispatch import Launch, kernels_available, program_count, tl, triton, triton_kernel
 
 # Rows longer than this run the torch reference: one row must fit a program's registers.
 MAX_FUSED_COLS = 65536
@@ -148,19 +148,21 @@ def _launch_config(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def _forward(
+def _forward_launch(
     x2d: torch.Tensor,
     res2d: torch.Tensor | None,
     weight: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[Launch, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The forward launch and its outputs ``(y, summed or None, rstd)``, allocated on
+    ``x2d``'s device (meta tensors give the launch without running anything)."""
     n_rows, n_cols = x2d.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     summed = torch.empty_like(y) if res2d is not None else None
     block, num_warps = _launch_config(n_cols)
-    _rms_norm_fwd_kernel[(n_rows,)](
+    args = (
         x2d,
         res2d if res2d is not None else x2d,
         weight,
@@ -173,29 +175,42 @@ def _forward(
         y.stride(0),
         summed.stride(0) if summed is not None else 0,
         eps,
-        HAS_RESIDUAL=res2d is not None,
-        BLOCK_N=block,
-        num_warps=num_warps,
     )
+    constexprs = {"HAS_RESIDUAL": res2d is not None, "BLOCK_N": block}
+    return Launch(_rms_norm_fwd_kernel, (n_rows,), args, constexprs, num_warps), y, summed, rstd
+
+
+def _forward(
+    x2d: torch.Tensor,
+    res2d: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    launch, y, summed, rstd = _forward_launch(x2d, res2d, weight, eps, out_dtype)
+    launch()
     return y, summed, rstd
 
 
-def _backward(
+def _backward_launch(
     dy2d: torch.Tensor,
     x2d: torch.Tensor,
     weight: torch.Tensor,
     rstd: torch.Tensor,
     dres2d: torch.Tensor | None,
     dx_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    max_programs: int,
+) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+    """The backward launch on a persistent grid of at most ``max_programs`` programs, and
+    its outputs ``(dx, dw_partial)`` (``[programs, hidden]`` fp32, to be summed over rows)."""
     n_rows, n_cols = x2d.shape
     dx = torch.empty((n_rows, n_cols), dtype=dx_dtype, device=x2d.device)
-    programs = min(program_count(x2d.device), n_rows)
+    programs = min(max_programs, n_rows)
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2d.device)
     block, num_warps = _launch_config(n_cols)
-    _rms_norm_bwd_kernel[(programs,)](
+    args = (
         dy2d,
         x2d,
         weight,
@@ -210,10 +225,23 @@ def _backward(
         x2d.stride(0),
         dres2d.stride(0) if dres2d is not None else 0,
         dx.stride(0),
-        HAS_DRES=dres2d is not None,
-        BLOCK_N=block,
-        num_warps=num_warps,
     )
+    constexprs = {"HAS_DRES": dres2d is not None, "BLOCK_N": block}
+    return Launch(_rms_norm_bwd_kernel, (programs,), args, constexprs, num_warps), dx, dw_partial
+
+
+def _backward(
+    dy2d: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dres2d: torch.Tensor | None,
+    dx_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    launch, dx, dw_partial = _backward_launch(
+        dy2d, x2d, weight, rstd, dres2d, dx_dtype, program_count(x2d.device)
+    )
+    launch()
     return dx, dw_partial.sum(dim=0).to(weight.dtype)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import kernels_available, tl, triton, triton_kernel
+from .dispatch import Launch, kernels_available, tl, triton, triton_kernel
 
 # Elements per half-head tile a program holds at once ([heads, d/2]).
 _TILE_ELEMENTS = 4096
@@ -122,8 +122,11 @@ def _rope_kernel(
 # --------------------------------------------------------------------------- launch
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Rotate ``x`` [batch, seq, heads, head_dim] by +angle (or -angle when ``inverse``)."""
+def _rotate_launch(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool
+) -> tuple[Launch, torch.Tensor]:
+    """The launch that rotates ``x`` [batch, seq, heads, head_dim] by +angle (or -angle
+    when ``inverse``) by per-token ``positions`` [batch, seq], and its output."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     batch, seq, n_heads, head_dim = x.shape
@@ -131,7 +134,7 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, in
     half = head_dim // 2
     block_d = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(n_heads), max(1, _TILE_ELEMENTS // block_d))
-    _rope_kernel[(batch * seq,)](
+    args = (
         x,
         out,
         positions,
@@ -147,11 +150,15 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, in
         out.stride(2),
         positions.stride(0),
         positions.stride(1),
-        INVERSE=inverse,
-        BLOCK_H=block_h,
-        BLOCK_D=block_d,
-        num_warps=4 if block_h * block_d <= 1024 else 8,
     )
+    constexprs = {"INVERSE": inverse, "BLOCK_H": block_h, "BLOCK_D": block_d}
+    num_warps = 4 if block_h * block_d <= 1024 else 8
+    return Launch(_rope_kernel, (batch * seq,), args, constexprs, num_warps), out
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+    launch, out = _rotate_launch(x, positions, inv_freq, inverse)
+    launch()
     return out
 
 
