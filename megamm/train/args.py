@@ -48,6 +48,8 @@ class TrainArgs:
     z_loss: float | None = None
     activation_checkpointing: bool | None = None
     kernels: str | None = None
+    compile: bool = False
+    """torch.compile each transformer block (megamm.train.compile); not with kernels="triton"."""
     log_interval: int = 1
     progress: bool = True
     tp: int = 1
@@ -75,6 +77,9 @@ class TrainArgs:
         if (self.sample_interval or self.final_eval) and not self.save_dir:
             raise ConfigError("--sample-interval and --final-eval need --save-dir (samples and the "
                               "report are made from its checkpoints)")
+        if self.compile and self.kernels == "triton":
+            raise ConfigError("--compile cannot trace the hand-written Triton kernels (--kernels triton); use "
+                              "--kernels auto or torch: compiled blocks get inductor's own fused kernels")
         if self.resume and not self.save_dir:
             raise ConfigError("--resume needs --save-dir (the directory to resume from)")
 
@@ -126,6 +131,9 @@ def parser() -> argparse.ArgumentParser:
     a("--activation-checkpointing", dest="activation_checkpointing", action="store_const", const=True)
     a("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const", const=False)
     a("--kernels", choices=["auto", "triton", "torch"])
+    a("--compile", action="store_true",
+      help="torch.compile each transformer block (inductor, which also generates the norm and RoPE kernels; "
+           "the first step pays the compilation)")
     a("--tp", type=int, default=1, help="tensor-parallel degree")
     a("--pp", type=int, default=1, help="pipeline-parallel degree (ZeRO stage 0/1 only)")
     a("--sequence-parallel", action="store_true", help="split norms/residuals along the sequence (tp > 1)")

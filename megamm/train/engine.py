@@ -26,6 +26,7 @@ from megamm.parallel.tensor_parallel import TensorParallel
 from megamm.parallel.topology import ParallelGroups, Topology
 from megamm.train import ds_config
 from megamm.train.bad_steps import BadStepGuard
+from megamm.train.compile import apply_compile, compile_config
 from megamm.train.init_from import copy_into
 from megamm.train.layout import check_layout  # noqa: F401  (the engine's layout check, public here too)
 from megamm.vocab import MODALITY_NAMES, Vocab
@@ -133,9 +134,10 @@ def loss_record(stats: torch.Tensor, prefix: str) -> dict:
 
 def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device: torch.device, seed: int,
                   sequence_parallel: bool = False, lr_lambda=None, guard: BadStepGuard | None = None,
-                  init_state: dict | None = None) -> Trainer:
+                  init_state: dict | None = None, compile: bool = False) -> Trainer:
     """The engine for this rank's part of the model under `ds_cfg`; `init_state` (the
-    whole plain model's weights, megamm.train.init_from) replaces the initial weights."""
+    whole plain model's weights, megamm.train.init_from) replaces the initial weights;
+    `compile` compiles each block (megamm.train.compile) before the engine wraps it."""
     topo = groups.topo
     tp = (TensorParallel(groups.tp_group, groups.tp_rank, topo.tp, sequence_parallel)
           if topo.tp > 1 else None)
@@ -143,23 +145,28 @@ def build_trainer(cfg: ModelConfig, ds_cfg: dict, groups: ParallelGroups, device
     if "scheduler" not in ds_cfg and lr_lambda is not None:
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # noqa: E731
     pipeline_loss = None
+    build_cfg = compile_config(cfg) if compile else cfg  # apply_compile adds the checkpointing
     if topo.pp > 1:
-        specs, sizes, pipeline_loss = pipeline_layers(cfg, tp, device, seed)
+        specs, sizes, pipeline_loss = pipeline_layers(build_cfg, tp, device, seed)
         model = pipeline_module(specs, sizes, pipeline_loss, topo)
         if init_state is not None:
             copy_into(model, init_state, groups.tp_rank, topo.tp)
+        if compile:
+            apply_compile(model, cfg.activation_checkpointing)
         engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, lr_scheduler=scheduler,
                                                model_parameters=[p for p in model.parameters() if p.requires_grad])
     else:
         zero3 = ds_config.zero_stage(ds_cfg) == 3
         # ZeRO-3: built on the host in the training precision (never whole on the
         # accelerator), then partitioned over data parallel as zero.Init would while building
-        model = (build_transformer(cfg, "cpu", seed, tp, dtype=_dtype(ds_cfg)) if zero3
-                 else build_transformer(cfg, device, seed, tp))
+        model = (build_transformer(build_cfg, "cpu", seed, tp, dtype=_dtype(ds_cfg)) if zero3
+                 else build_transformer(build_cfg, device, seed, tp))
         if init_state is not None:
             copy_into(model, init_state, groups.tp_rank, topo.tp)
         if zero3:
             deepspeed.zero.Init(module=model, config_dict_or_path=ds_cfg, data_parallel_group=groups.dp_group)
+        if compile:
+            apply_compile(model, cfg.activation_checkpointing, zero3=zero3)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
                                                mpu=groups, lr_scheduler=scheduler)
     vocab = Vocab(cfg.vocab)

@@ -73,7 +73,7 @@ def describe(cfg: ModelConfig, ds_cfg: dict, topo: Topology, args: TrainArgs) ->
         f"layout: {topo.describe()}  zero_stage={ds_config.zero_stage(ds_cfg)} "
         f"offload={ds_config.offload(ds_cfg)} precision={ds_config.precision(ds_cfg)} "
         f"activation_checkpointing={cfg.activation_checkpointing}"
-        + (" sequence_parallel=True" if args.sequence_parallel else ""),
+        + (" sequence_parallel=True" if args.sequence_parallel else "") + (" compile=True" if args.compile else ""),
         f"  per rank: ~{per_rank:,} parameters "
         f"({'1/' + str(tp) + ' of every layer' if tp > 1 else 'whole layers'}"
         f"{', ' + str(cfg.n_layers + 3) + ' pipeline layers over ' + str(pp) + ' stages' if pp > 1 else ''})",
@@ -176,7 +176,8 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict, hooks: Hooks = Hooks(
         if universal.is_universal(meta):  # resharded: DeepSpeed loads it when the engine is built for it
             ds_cfg = universal.resume_config(meta, topo.tp, topo.pp, ds_cfg, Path(args.save_dir) / tag)
     trainer = build_trainer(cfg, ds_cfg, groups, device, args.seed, args.sequence_parallel, lr_lambda(args),
-                            guard=bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank), init_state=init_state)
+                            guard=bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank), init_state=init_state,
+                            compile=args.compile)
     del init_state
     run = Run(args=args, cfg=cfg, ds_cfg=ds_cfg, trainer=trainer, loader=loader, val=val,
               data_dir=data_dir, rank=rank)
