@@ -226,6 +226,31 @@ def _over_ranks(lse, tlogit, group):
     return torch.logsumexp(stacked[:, 0], 0), stacked[:, 1].sum(0)
 
 
+CPU_K_BLOCK = 512
+"""On the CPU the head's gradient GEMMs reduce over at most this many rows (d weight) or
+columns (d h) at a time, in a fixed order: MKL splits longer reductions between threads,
+and their rounding then depends on the thread count, which launchers (srun, mpirun) leave
+different per rank."""
+
+
+def _addmm_in_k_blocks(out, a, b):
+    """out += a [M, K] @ b [K, N]; on the CPU as a fixed-order sum over blocks of
+    CPU_K_BLOCK of the reduced dimension (the rows of a chunk, or a span's columns)."""
+    k = a.shape[1]
+    if a.device.type != "cpu" or k <= CPU_K_BLOCK:
+        return out.addmm_(a, b)
+    for i in range(0, k, CPU_K_BLOCK):
+        out.addmm_(a[:, i:i + CPU_K_BLOCK], b[i:i + CPU_K_BLOCK])
+    return out
+
+
+def _matmul_in_k_blocks(a, b):
+    """a [M, K] @ b [K, N], on the CPU reduced in fixed-order blocks (_addmm_in_k_blocks)."""
+    if a.device.type != "cpu" or a.shape[1] <= CPU_K_BLOCK:
+        return a @ b
+    return _addmm_in_k_blocks(a[:, :CPU_K_BLOCK] @ b[:CPU_K_BLOCK], a[:, CPU_K_BLOCK:], b[CPU_K_BLOCK:])
+
+
 class _Grads:
     """d loss_sum / d h [N,D] and / d weight [Vs,D] (h's and the weight's dtypes), summed
     chunk by chunk; None where no gradient is wanted."""
@@ -240,14 +265,14 @@ class _Grads:
         (None when d h is not wanted)."""
         if self.w is not None:
             if span.ids is None and c1 - c0 >= 64:  # wide: straight into the table's rows
-                self.w[span.lo + c0: span.lo + c1].addmm_(p.t(), hc)
+                _addmm_in_k_blocks(self.w[span.lo + c0: span.lo + c1], p.t(), hc)
             else:  # narrow: D (not the few columns) as the GEMM's rows
-                gw = (hc.t() @ p).t()
+                gw = _matmul_in_k_blocks(hc.t(), p).t()
                 if span.ids is None:
                     self.w[span.lo + c0: span.lo + c1] += gw
                 else:
                     self.w.index_add_(0, span.ids[c0:c1], gw)
-        return None if self.h is None else p @ w
+        return None if self.h is None else _matmul_in_k_blocks(p, w)
 
 
 def _target_at(col, c0: int, c1: int):
