@@ -13,6 +13,12 @@ counts, so the two implementations train the same loss definition: `full`, a pla
 softmax over the whole vocabulary; `modality`, the same with the ids the grammar forbids
 masked to -inf on the model's full logits (what a user of the stock model would write
 to train megamm's grammar loss).
+
+With `compile`, each LlamaDecoderLayer's forward is compiled in place as megamm.train.compile
+does for megamm's blocks (the layer's hooks outside the compiled region, each layer a ZeRO-3
+leaf under ZeRO-3), so compiled is measured against compiled. HF checkpoints inside the
+layer's forward, so there the checkpoint is traced inside the compiled region (no graph
+break in the stock layer stops dynamo from tracing it).
 """
 from __future__ import annotations
 
@@ -55,8 +61,19 @@ def causal_lm_loss(logits, inputs, targets, vocab: Vocab, loss_scope: str, allow
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / counted.sum().clamp(min=1)
 
 
+def compile_layers(model, zero3: bool) -> None:
+    """torch.compile each decoder layer's forward in place (before deepspeed.initialize)."""
+    from deepspeed.utils import set_z3_leaf_modules
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    for layer in model.model.layers:
+        layer.forward = torch.compile(layer.forward)
+    if zero3:
+        set_z3_leaf_modules(model, [LlamaDecoderLayer])
+
+
 def train(cfg: ModelConfig, ds_cfg: dict, data_dir, steps: int, seed: int, device,
-          loss_scope: str = "full") -> list[dict]:
+          loss_scope: str = "full", compile: bool = False) -> list[dict]:
     """Train the Llama twin; rank 0's records (other ranks return [])."""
     import deepspeed
     import torch.distributed as dist
@@ -76,6 +93,8 @@ def train(cfg: ModelConfig, ds_cfg: dict, data_dir, steps: int, seed: int, devic
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if compile:
+        compile_layers(model, ds_config.zero_stage(ds_cfg) == 3)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
     tokens_per_step = mb * gas * world * cfg.max_seq_len
     allowed = vocab.allowed_table().to(device)

@@ -20,7 +20,12 @@ full logits, over the targets megamm counts. `speedup` is the plain softmax over
 vocabulary (`full`, what LlamaForCausalLM's own loss computes); `speedup_modality` is
 megamm's default grammar loss (the baseline masks the forbidden ids of its full logits;
 megamm's head computes only the allowed columns of each position). `--loss-scope` picks
-one of the two. Written to benchmarks/results/train_throughput-<cpu|cuda>-<model>-<config>.json.
+one of the two. `--compile yes` compiles both implementations per block (megamm's --compile;
+the baseline's LlamaDecoderLayers the same way, benchmarks/hf_baseline.py), `--compile both`
+adds the compiled pairs to the eager ones in the same rotation: `speedup_compiled` and
+`speedup_modality_compiled` compare compiled with compiled (the compilation falls in the
+warm-up steps). Written to
+benchmarks/results/train_throughput-<cpu|cuda>-<model>-<config>[-compile|-compile_both].json.
 
 `--impl megamm|hf` runs one implementation in this process (what the children do).
 """
@@ -68,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     a("--tp", type=int, default=1, help="tensor-parallel degree (megamm)")
     a("--pp", type=int, default=1, help="pipeline-parallel degree (megamm; ZeRO 0/1)")
     a("--sequence-parallel", action="store_true")
+    a("--compile", choices=["no", "yes", "both"], default="no",
+      help="torch.compile each block of both implementations: no, yes, or both (eager and compiled pairs)")
     a("--steps", type=int, default=20)
     a("--repeats", type=int, default=1,
       help="launch every implementation this many times, alternating (the order rotating each round), and "
@@ -81,20 +88,21 @@ def parser() -> argparse.ArgumentParser:
     a("--out", help="result JSON path (default under benchmarks/results/)")
     a("--impl", choices=["megamm", "hf"], help=argparse.SUPPRESS)
     a("--loss-scope-run", choices=["full", "modality"], help=argparse.SUPPRESS)
+    a("--compile-run", action="store_true", help=argparse.SUPPRESS)
     a("--child-out", help=argparse.SUPPRESS)
     a("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
 
 
 # ---- one implementation, in this process ----------------------------------------------------
-def _train_args(a, loss_scope):
+def _train_args(a, loss_scope, compile=False):
     from megamm.train.args import TrainArgs
 
     return TrainArgs(ds_config=a.ds_config, model=a.model, data=a.data, seq_len=a.seq_len,
                      micro_batch=a.micro_batch, grad_accum=a.grad_accum, precision=a.precision,
                      activation_checkpointing=a.activation_checkpointing, loss_scope=loss_scope,
                      max_steps=a.steps, warmup=1, seed=a.seed, progress=False, tp=a.tp, pp=a.pp,
-                     sequence_parallel=a.sequence_parallel)
+                     sequence_parallel=a.sequence_parallel, compile=compile)
 
 
 def run_one(a) -> int:
@@ -105,7 +113,7 @@ def run_one(a) -> int:
     from megamm.train.memory import peak_rss_bytes
     from megamm.train.metrics import flops_per_token, peak_flops
 
-    args = _train_args(a, a.loss_scope_run)
+    args = _train_args(a, a.loss_scope_run, a.compile_run)
     ds_cfg = ds_config.apply_overrides(ds_config.load(a.ds_config), micro_batch=a.micro_batch,
                                        grad_accum=a.grad_accum, precision=a.precision)
     cfg = loop.model_config(args, ds_cfg)
@@ -117,7 +125,7 @@ def run_one(a) -> int:
         from megamm.parallel.distributed import init_distributed
 
         device = init_distributed()
-        records = hf_baseline.train(cfg, ds_cfg, a.data, a.steps, a.seed, device, a.loss_scope_run)
+        records = hf_baseline.train(cfg, ds_cfg, a.data, a.steps, a.seed, device, a.loss_scope_run, a.compile_run)
     if not records:  # not rank 0
         return 0
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -127,7 +135,7 @@ def run_one(a) -> int:
     peak = peak_flops(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     summary = {
-        "impl": a.impl, "loss_scope": a.loss_scope_run,
+        "impl": a.impl, "loss_scope": a.loss_scope_run, "compile": a.compile_run,
         "tokens_per_s": tok_s, "step_time_s": statistics.median(r["step_time_s"] for r in timed),
         "tflops": flops / 1e12, "mfu": flops / (peak * world) if peak else None,
         "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
@@ -140,10 +148,10 @@ def run_one(a) -> int:
 
 
 # ---- the driver: data, one process per implementation, the combined result -----------------
-def _launch(a, impl, loss_scope, data, out) -> dict:
+def _launch(a, impl, loss_scope, compile, data, out) -> dict:
     own = [x for x in (sys.argv[1:]) if not x.startswith("--local_rank")]
     child = [str(Path(__file__).resolve()), *own, "--data", str(data), "--impl", impl,
-             "--loss-scope-run", loss_scope, "--child-out", str(out)]
+             "--loss-scope-run", loss_scope, "--child-out", str(out)] + (["--compile-run"] if compile else [])
     if a.gpus == 1 and not torch.cuda.is_available():
         cmd = [sys.executable, *child]
     else:
@@ -184,16 +192,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data or write_synthetic_dataset(Path(tmp) / "data", cfg.vocab, n_train=4000, n_val=8)
         scopes = ["full", "modality"] if a.loss_scope == "both" else [a.loss_scope]
-        runs = [(impl, scope) for scope in scopes for impl in impls]
+        modes = {"no": [False], "yes": [True], "both": [False, True]}[a.compile]
+        runs = [(impl, scope, c) for c in modes for scope in scopes for impl in impls]
         launches: dict[tuple, list[dict]] = {run: [] for run in runs}
         for r in range(a.repeats):
-            for impl, scope in runs[r % len(runs):] + runs[:r % len(runs)]:  # each goes first in turn
-                launches[(impl, scope)].append(_launch(a, impl, scope, data, Path(tmp) / f"{impl}-{scope}-{r}.json"))
+            for impl, scope, c in runs[r % len(runs):] + runs[:r % len(runs)]:  # each goes first in turn
+                out = Path(tmp) / f"{impl}-{scope}-{'compiled' if c else 'eager'}-{r}.json"
+                launches[(impl, scope, c)].append(_launch(a, impl, scope, c, data, out))
     rows = [_median_run(launches[run]) for run in runs]
-    by = {(r["impl"], r["loss_scope"]): r for r in rows}
+    by = {(r["impl"], r["loss_scope"], r["compile"]): r for r in rows}
 
-    def ratio(scope):
-        mm, hf = by.get(("megamm", scope)), by.get(("hf", scope))
+    def ratio(scope, compiled=False):
+        mm, hf = by.get(("megamm", scope, compiled)), by.get(("hf", scope, compiled))
         return mm["tokens_per_s"] / hf["tokens_per_s"] if mm and hf else None
 
     result = {
@@ -201,12 +211,14 @@ def main(argv=None) -> int:
         "model": a.model, "ds_config": a.ds_config, "device": device_name(), "world_size": a.gpus,
         "seq_len": a.seq_len or cfg.max_seq_len, "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
         "precision": a.precision, "steps": a.steps, "warmup_steps": a.warmup_steps, "repeats": a.repeats,
-        "results": rows,
+        "compile": a.compile, "results": rows,
         "speedup": ratio("full"), "speedup_modality": ratio("modality"),
+        "speedup_compiled": ratio("full", True), "speedup_modality_compiled": ratio("modality", True),
         "speedup_definition": "megamm tokens/s / transformers.LlamaForCausalLM tokens/s (each the median of its "
                               "launches), both training the same loss: `speedup` the plain softmax over the whole "
                               "vocabulary, `speedup_modality` megamm's grammar loss (the baseline masks its full "
-                              "logits); targets counted alike (not <pad>, not after a document's end)",
+                              "logits); targets counted alike (not <pad>, not after a document's end); "
+                              "`*_compiled`: the same with both implementations compiled per block",
         "versions": {"torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__,
                      "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},
@@ -215,10 +227,12 @@ def main(argv=None) -> int:
     }
     print(json.dumps({k: v for k, v in result.items() if k != "results"}, indent=1))
     for r in rows:
-        print(f"{r['impl']:>6} loss={r['loss_scope']:<16} {r['tokens_per_s']:10.1f} tok/s  "
+        print(f"{r['impl']:>6} loss={r['loss_scope']:<16} {'compiled' if r['compile'] else 'eager':<8} "
+              f"{r['tokens_per_s']:10.1f} tok/s  "
               f"{r['tflops']:.4f} TFLOP/s  host {r['peak_host_rss_gb']:.2f} GB")
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     layout = "" if a.tp == a.pp == 1 else f"-tp{a.tp}pp{a.pp}" + ("sp" if a.sequence_parallel else "")
+    layout += {"no": "", "yes": "-compile", "both": "-compile_both"}[a.compile]
     out = Path(a.out) if a.out else RESULTS / f"train_throughput-{kind}-{a.model}-{Path(a.ds_config).stem}{layout}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
