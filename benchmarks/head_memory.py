@@ -4,6 +4,7 @@ before (benchmarks/head_reference.py) and after (megamm.model.loss, chunked); an
 head's throughput at the tiny and small presets' shapes, old and new interleaved.
 
     python benchmarks/head_memory.py [--d-model 256] [--skip-before-8192] [--out FILE]
+    python benchmarks/head_memory.py --device cuda [--dtype bfloat16]   # on a GPU: 8b's d_model
 
 Memory: every (head, case) runs in a fresh child process that builds h [N, D] and the
 table [V, D] (fp32), runs both heads' code once on 256 positions (lazy buffers), then
@@ -129,6 +130,60 @@ def worker(head: str, case: str, d_model: int, threads: int, rank: int, world: i
             "gradient_bytes": grads, "seconds": seconds, "loss": float(loss.detach())}
 
 
+def cuda_case(head: str, case: str, d_model: int, dtype: torch.dtype) -> dict:
+    """One measured forward + backward on the GPU, in this process: peak extra =
+    max_memory_allocated during the step - memory_allocated before it - d h and d weight."""
+    cfg = get_preset("8b")
+    v = Vocab(cfg.vocab)
+    kind, n = CASES[case]
+    x, y = case_row(v, kind, n)
+    dev = torch.device("cuda")
+    states, y = v.states(x).to(dev), y.to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(n, d_model, generator=g, device=dev, dtype=dtype).requires_grad_(True)
+    w = (torch.randn(v.size, d_model, generator=g, device=dev, dtype=dtype) * 0.02).requires_grad_(True)
+    _step(head, h[:256], w, v, states[:256], y[:256], cfg.z_loss)  # lazy buffers, kernels loaded
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    loss, _ = _step(head, h, w, v, states, y, cfg.z_loss)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    grads = h.grad.nbytes + w.grad.nbytes
+    out = {"head": head, "case": case, "tp": 1, "positions": n, "dtype": str(dtype).removeprefix("torch."),
+           "peak_extra_bytes": torch.cuda.max_memory_allocated() - before - grads, "gradient_bytes": grads,
+           "seconds": seconds, "loss": float(loss.detach())}
+    del h, w, loss
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_cuda(a) -> int:
+    """--device cuda: every case, both heads, at the 8b preset's d_model, in bf16."""
+    dtype = getattr(torch, a.dtype)
+    memory = []
+    for case in CASES:
+        for head in HEADS:
+            memory.append(cuda_case(head, case, a.d_model, dtype))
+            print(json.dumps(memory[-1]), flush=True)
+    result = {
+        "benchmark": "head_memory", "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python benchmarks/head_memory.py", *sys.argv[1:]]),
+        "device": torch.cuda.get_device_name(0),
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+        "vocab": "8b preset (189,440 rows, 151,643 text ids)", "d_model": a.d_model, "dtype": a.dtype,
+        "method": "peak extra = max_memory_allocated during one forward + backward - memory_allocated before "
+                  "- bytes of d h and d weight",
+        "peak_extra_gb": {f"{r['head']}/{r['case']}": round(r["peak_extra_bytes"] / 1e9, 3) for r in memory},
+        "memory": memory,
+    }
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
 def run_case(head: str, case: str, d_model: int, threads: int, world: int = 1) -> dict:
     """Children (one per rank) for one (head, case); the result of the rank with the largest peak."""
     with socket.socket() as s:
@@ -198,8 +253,18 @@ def main(argv=None) -> int:
     p.add_argument("--skip-before-8192", action="store_true",
                    help="skip the old head at 8,192 positions (about 11 GB)")
     p.add_argument("--throughput-steps", type=int, default=10)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "head_memory-cpu.json"))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the peak by torch.cuda.max_memory_allocated, in-process, at --d-model 4096 "
+                        "(the 8b preset's) by default, --dtype bfloat16")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="the tensors' dtype under --device cuda (the CPU run is fp32)")
+    p.add_argument("--out", default=None, help="default benchmarks/results/head_memory-<device>.json")
     a = p.parse_args(argv)
+    a.out = a.out or str(ROOT / "benchmarks" / "results" / f"head_memory-{a.device}.json")
+    if a.device == "cuda":
+        if a.d_model == 256:
+            a.d_model = get_preset("8b").d_model
+        return run_cuda(a)
     memory = []
     for case in CASES:
         for head in HEADS:
