@@ -2,7 +2,8 @@
 resharded to another tensor/pipeline/data-parallel layout resumes there on the loss
 curve the unresharded run continues on; bad input is one line and exit status 2.
 
-One module fixture makes every run (five launches):
+One module fixture makes every run, in three launches (the runs of one world size that do
+not depend on each other share one: tests/checkpoint/many_runs.py):
   tp2 (2 ranks) --step2--> reshard --tp 1  --> tp1 (1 rank, saves steps 3, 4)
   tp1 --step3--> reshard --pp 2 --> pp2 (2 ranks)
   dp2 (2 ranks, ZeRO-1, micro batch 2) --step2--> reshard --> dp1 (1 rank, micro batch 2 x grad accum 2)
@@ -13,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import ROOT, run_train, tool
+from checkpoints import ROOT, run_many, run_train, tool
 
 import megamm
 from megamm.checkpoint import ds, manifest
@@ -55,19 +56,23 @@ def losses(save_dir) -> dict[int, dict]:
 def runs(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("reshard")
     zero1 = ["--ds_config", "zero1.json"]
-    launch(tiny_data, root / "tp2", [*zero1, "--tp", 2, "--grad-accum", 1, "--save-interval", 2], 2)
+
+    def args(name, flags, *extra):
+        return ["--data", tiny_data, *BASE, *flags, *extra, "--save-dir", root / name]
+
+    run_many({"tp2": (args("tp2", [*zero1, "--tp", 2, "--grad-accum", 1, "--save-interval", 2]), 2),
+              "dp2": (args("dp2", [*zero1, "--grad-accum", 1, "--save-interval", 2]), 2)}, root)
     proc = tool("reshard.py", "--checkpoint", root / "tp2" / "step2", "--out", root / "tp1", "--tp", 1, "--pp", 1)
     assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr[-3000:]
-    launch(tiny_data, root / "tp1", [*zero1, "--grad-accum", 1, "--save-interval", 1], 1, "--resume")
-    assert reshard("--checkpoint", root / "tp1" / "step3", "--out", root / "pp2", "--tp", 1, "--pp", 2) == 0
-    launch(tiny_data, root / "pp2", ["--ds_config", "zero1_3d.json", "--pp", 2, "--grad-accum", 1], 2, "--resume")
-    launch(tiny_data, root / "dp2", [*zero1, "--grad-accum", 1, "--save-interval", 2], 2)
     assert reshard("--checkpoint", root / "dp2", "--out", root / "dp1", "--tp", 1, "--pp", 1) == 0  # its latest
     assert (root / "dp1" / "latest").read_text() == "step4"
     assert reshard("--checkpoint", root / "dp2" / "step2", "--out", root / "dp1", "--tp", 1, "--pp", 1,
                    "--force") == 0
     assert sorted(p.name for p in (root / "dp1").iterdir()) == ["latest", "step2"]  # replaced whole
-    launch(tiny_data, root / "dp1", [*zero1, "--grad-accum", 2], 1, "--resume")
+    run_many({"tp1": (args("tp1", [*zero1, "--grad-accum", 1, "--save-interval", 1], "--resume"), 1),
+              "dp1": (args("dp1", [*zero1, "--grad-accum", 2], "--resume"), 1)}, root)
+    assert reshard("--checkpoint", root / "tp1" / "step3", "--out", root / "pp2", "--tp", 1, "--pp", 2) == 0
+    launch(tiny_data, root / "pp2", ["--ds_config", "zero1_3d.json", "--pp", 2, "--grad-accum", 1], 2, "--resume")
     return root
 
 
