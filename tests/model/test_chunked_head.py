@@ -3,11 +3,11 @@ benchmarks/head_reference.py: the same loss, per-modality statistics and gradien
 fp32 (relative error <= 1e-6), with chunks that cut a state's rows and a span's columns,
 and no [rows, columns] block larger than one chunk."""
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
 from test_model import CFG, VOCAB, WIDE_GAP, packed_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -15,7 +15,7 @@ from megamm.model import build_model
 from megamm.model.loss import GrammarTables, HeadChunking, grammar_loss
 from megamm.vocab import Vocab
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import head_reference  # noqa: E402
 
 # 16-row chunks; spans wider than 7 columns in 7-column blocks (the last one shorter)
