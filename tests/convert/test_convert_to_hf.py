@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import LAYOUTS, single_document, tool, train, train_all, write_data
+from checkpoints import BASE, LAYOUTS, run_many, single_document, tool, train_all, write_data
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import megamm
@@ -133,21 +133,40 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(made, tmp_path):
     assert theirs.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("source,layout", [("tp2", "pp2"), ("zero3", "tp2")])
-def test_init_from_starts_at_the_checkpoint_models_loss(made, tmp_path, source, layout):
+INIT_FROM = [("tp2", "pp2"), ("zero3", "tp2")]
+
+
+@pytest.fixture(scope="module")
+def init_runs(made, tmp_path_factory):
+    """(source, layout) -> (what the run was initialised from, its save dir): one step of
+    `layout` --init-from `source`'s checkpoint, or for tp2 the chain checkpoint -> HF ->
+    megamm checkpoint -> training. Both runs share one launch."""
+    root = tmp_path_factory.mktemp("init_from")
+    inits = {}
+    for source, layout in INIT_FROM:
+        save, hf_dir = made[source]
+        inits[source, layout] = save
+        if source == "tp2":
+            proc = tool("convert_from_hf.py", "--hf", hf_dir, "--out", root / "imported")
+            assert proc.returncode == 0, proc.stderr
+            inits[source, layout] = root / "imported"
+    runs = {f"{s}_{lay}": (["--data", made["data"], *BASE, *LAYOUTS[lay][0], "--init-from", inits[s, lay],
+                            "--max-steps", 1, "--save-dir", root / f"{s}_{lay}"], LAYOUTS[lay][1])
+            for s, lay in INIT_FROM}
+    run_many(runs, root)
+    return {(s, lay): (inits[s, lay], root / f"{s}_{lay}") for s, lay in INIT_FROM}
+
+
+@pytest.mark.parametrize("source,layout", INIT_FROM)
+def test_init_from_starts_at_the_checkpoint_models_loss(made, init_runs, source, layout):
     """--init-from a checkpoint (directly, or after a round trip through the HF folder)
     under another layout: the first step's loss is that model's loss on the same batch."""
-    from checkpoints import BASE, LOGGED_SEED
+    from checkpoints import LOGGED_SEED
 
     from megamm.data.loader import PackedLoader, open_split
 
-    save, hf_dir = made[source]
-    init = save
-    if source == "tp2":  # the chain checkpoint -> HF -> megamm checkpoint -> training
-        proc = tool("convert_from_hf.py", "--hf", hf_dir, "--out", tmp_path / "imported")
-        assert proc.returncode == 0, proc.stderr
-        init = tmp_path / "imported"
-    run = train(made["data"], tmp_path / "run", layout, extra=["--init-from", init, "--max-steps", 1])
+    save = made[source][0]
+    init, run = init_runs[source, layout]
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     model = megamm.load_model(init)
     seq_len = BASE[BASE.index("--seq-len") + 1]
