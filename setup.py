@@ -28,6 +28,11 @@ setup(
         "tokenizers>=0.19",
         "safetensors>=0.4",
         "scikit-learn",
+        # media (megamm/media.py, megamm/demo/pictures.py): images, audio, resampling, charts
+        "Pillow>=10.1",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "matplotlib>=3.6",
     ],
     extras_require={
         "dev": ["pytest>=8", "transformers>=4.44", "mpi4py>=3.1"],

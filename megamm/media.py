@@ -1,40 +1,69 @@
-"""Images and sounds as files, with numpy and the standard library alone.
+"""Images and sounds as files, through Pillow (images), soundfile (audio) and soxr
+(resampling).
 
-Images are uint8 `[H, W, 3]` RGB arrays everywhere.
+Images are uint8 `[H, W, 3]` RGB arrays everywhere; audio is float32 mono `[T]`.
 
-    read_image(path)               PNG (own decoder) or .npy; other formats via Pillow
-                                   when it is installed
-    write_png(path, image)         8-bit RGB or grayscale PNG, written atomically
-    read_wav(path, sample_rate)    PCM .wav -> float32 mono [T] at sample_rate (+ a note
-                                   when it had to be resampled)
-    write_wav(path, audio, rate)   float [T] in [-1, 1] -> 16-bit mono PCM .wav, atomically
-    as_rgb(array, name)            what an image file may hold -> uint8 [H, W, 3]
+    read_image(path)                   any image Pillow reads, or .npy -> uint8 [H, W, 3]
+    read_image_sized(path, size)       the same, centre-cropped to a square and resized to
+                                       size x size (+ a note when it had to be upsampled)
+    write_png(path, image)             uint8 RGB or grayscale -> 8-bit PNG, atomically
+    read_audio(path, sample_rate)      any audio soundfile reads -> float32 mono [T] at
+                                       sample_rate (+ a note when it was resampled);
+                                       read_wav is the same function
+    write_wav(path, audio, rate)       float [T] in [-1, 1] -> 16-bit mono PCM .wav, atomically
+    as_rgb(array, name)                what an image array may hold -> uint8 [H, W, 3]
 
-PNG decoding covers what common encoders write: bit depths 1/2/4/8/16, colour types
-gray, gray+alpha, RGB, RGBA and palette, all five row filters, Adam7 interlacing;
-every chunk's CRC is checked. Alpha (and tRNS) is dropped, 16-bit samples keep their
-high byte, low-depth gray is scaled to 0..255.
+Images: JPEG, PNG, WebP, GIF (its first frame), TIFF, BMP and the other formats Pillow
+opens. The EXIF orientation is applied (a phone photo reads upright); transparency
+(RGBA, LA, palette or gray with a tRNS entry) is composited onto white; 16-bit samples
+keep their high byte. `.npy` files hold uint8 `[H, W]`, `[H, W, 1]`, `[H, W, 3]`,
+`[H, W, 4]` (alpha composited onto white) or floats in [0, 1].
+
+Resizing (read_image_sized): the centred square of the short side is kept (the aspect
+ratio is never distorted) and resized with Pillow's Lanczos filter
+(`Image.Resampling.LANCZOS`, antialiased); an image that already is size x size is
+returned untouched, pixel for pixel. A JPEG much larger than the target is decoded at a
+reduced DCT scale first (`Image.draft`, to at least twice the target size), which is
+what makes a folder of 12-megapixel photos quick to read.
+
+Audio: WAV (PCM 8/16/24/32-bit, 32/64-bit float, WAVE_FORMAT_EXTENSIBLE), FLAC,
+OGG/Vorbis and Opus, AIFF, and MP3 where the installed libsndfile reads it (1.1+).
+Channels are averaged to mono; another sample rate is resampled with soxr at its "HQ"
+quality (a windowed-sinc polyphase resampler for any pair of rates, 44.1 kHz included).
 
 Every failure to read or write a file is a MediaError (a ValueError) whose one-line
-message names the file: "missing image file '...'", "unreadable image '...' (bad CRC
-in the IDAT chunk)", "unsupported image '...' (...)", and the same for audio.
+message names the file and says what to do: "missing image file '...'", "unreadable
+image '...' (...): re-save it as PNG or JPEG, or leave it out", and the same for audio.
 """
 from __future__ import annotations
 
 import io
 import os
-import struct
-import wave
-import zlib
 from pathlib import Path
 
 import numpy as np
+import soundfile
+import soxr
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from megamm.tokenizers.dsp import resample
+RESIZE_FILTER = Image.Resampling.LANCZOS
+"""The filter read_image_sized resizes with."""
+RESAMPLE_QUALITY = "HQ"
+"""soxr's quality setting for audio at another sample rate."""
+_IMAGE_FIX = "re-save it as PNG or JPEG, or leave it out"
+_AUDIO_FIX = "convert it to WAV or FLAC (e.g. ffmpeg -i IN OUT.wav), or leave it out"
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 class MediaError(ValueError):
     """A media file that is missing, unreadable, corrupt or in an unsupported format."""
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -49,169 +78,45 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise MediaError(f"cannot write {str(path)!r} ({e.strerror or type(e).__name__})") from None
 
 
-# ---- PNG -------------------------------------------------------------------------------------
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
-"""PNG colour type -> samples per pixel: gray, RGB, palette, gray+alpha, RGBA."""
-_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
-"""Interlace passes as (x0, y0, dx, dy): pass p holds the pixels image[y0::dy, x0::dx]."""
-_MAX_PIXELS = 1 << 28
-
-
+# ---- images ----------------------------------------------------------------------------------
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """uint8 `[H, W, 3]` (RGB) or `[H, W]` (gray) -> an 8-bit PNG (filter 0, zlib level 6)."""
+    """uint8 `[H, W, 3]` (RGB) or `[H, W]` (gray) -> an 8-bit PNG (Pillow, zlib level 6)."""
     path = Path(path)
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3) \
             or min(image.shape[:2]) < 1:
         raise MediaError(f"cannot write {str(path)!r}: expected uint8 [H, W, 3] or [H, W], "
                          f"got {image.dtype} {list(image.shape)}")
-    h, w = image.shape[:2]
-    colour_type = 2 if image.ndim == 3 else 0
-    rows = np.ascontiguousarray(image).reshape(h, -1)
-    scanlines = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1)  # filter byte 0 per row
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
-    _write_atomic(path, PNG_SIGNATURE + chunk(b"IHDR", ihdr)
-                  + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)) + chunk(b"IEND", b""))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=6)
+    _write_atomic(path, buf.getvalue())
 
 
-def _decode_png(data: bytes, name: str) -> np.ndarray:
-    """The bytes of a PNG file -> uint8 [H, W, 3]; raises MediaError."""
-    def bad(detail: str) -> MediaError:
-        return MediaError(f"unreadable image {name!r} ({detail})")
-
-    pos, header, palette, idat = len(PNG_SIGNATURE), None, None, []
-    while True:
-        if pos + 8 > len(data):
-            raise bad("truncated PNG: no IEND chunk")
-        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
-        label = kind.decode("latin-1")
-        body, crc = data[pos + 8: pos + 8 + length], data[pos + 8 + length: pos + 12 + length]
-        if len(crc) < 4:
-            raise bad(f"truncated PNG in the {label} chunk")
-        if zlib.crc32(kind + body) != struct.unpack(">I", crc)[0]:
-            raise bad(f"bad CRC in the {label} chunk")
-        pos += 12 + length
-        if header is None and kind != b"IHDR":
-            raise bad("PNG does not start with an IHDR chunk")
-        if kind == b"IHDR":
-            if length != 13:
-                raise bad("IHDR chunk of the wrong size")
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"PLTE":
-            if length % 3 or not 0 < length <= 768:
-                raise bad(f"PLTE chunk of {length} bytes")
-            palette = np.frombuffer(body, np.uint8).reshape(-1, 3)
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-    width, height, depth, colour_type, compression, filter_method, interlace = header
-    if colour_type not in _CHANNELS or depth not in _DEPTHS[colour_type]:
-        raise bad(f"invalid PNG colour type {colour_type} with bit depth {depth}")
-    if compression or filter_method or interlace > 1:
-        raise bad("unknown PNG compression, filter or interlace method")
-    if not (width and height):
-        raise bad(f"PNG of size {width}x{height}")
-    if width * height > _MAX_PIXELS:
-        raise MediaError(f"unsupported image {name!r} ({width}x{height} pixels is too large)")
-    if colour_type == 3 and palette is None:
-        raise bad("palette PNG without a PLTE chunk")
-    if not idat:
-        raise bad("PNG without an IDAT chunk")
-
-    channels = _CHANNELS[colour_type]
-    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
-    sizes = [(-(-(height - y0) // dy), -(-(width - x0) // dx)) for x0, y0, dx, dy in passes]
-    strides = [-(-w * channels * depth // 8) for _, w in sizes]
-    expected = sum(h * (1 + s) for (h, w), s in zip(sizes, strides) if h and w)
-    try:
-        raw = zlib.decompressobj().decompress(b"".join(idat), expected)
-    except zlib.error as e:
-        raise bad(f"corrupt PNG image data: {e}") from None
-    if len(raw) < expected:
-        raise bad(f"truncated PNG image data ({len(raw)} of {expected} bytes)")
-
-    samples = np.zeros((height, width, channels), np.int32)
-    buf, offset = np.frombuffer(raw, np.uint8), 0
-    for (x0, y0, dx, dy), (h, w), stride in zip(passes, sizes, strides):
-        if not (h and w):  # a pass of a small interlaced image can be empty: it has no bytes
-            continue
-        lines = buf[offset: offset + h * (1 + stride)].reshape(h, 1 + stride)
-        offset += h * (1 + stride)
-        if lines[:, 0].max() > 4:
-            raise bad(f"PNG row filter type {lines[:, 0].max()} (0..4 exist)")
-        rows = _unfilter(lines[:, 1:], lines[:, 0], max(1, channels * depth // 8))
-        samples[y0::dy, x0::dx] = _unpack_samples(rows, w, channels, depth)
-
-    if colour_type == 3:
-        if samples.max() >= len(palette):
-            raise bad(f"palette index {samples.max()} beyond the {len(palette)}-entry palette")
-        return palette[samples[:, :, 0]]
-    if depth == 16:
-        samples >>= 8
-    elif depth < 8:
-        samples *= 255 // (2 ** depth - 1)
-    rgb = samples[:, :, :3] if colour_type in (2, 6) else np.repeat(samples[:, :, :1], 3, axis=2)
-    return rgb.astype(np.uint8)
-
-
-def _unfilter(filtered: np.ndarray, types: np.ndarray, bpp: int) -> np.ndarray:
-    """Undo the PNG row filters: uint8 `[H, S]` filtered rows + their filter types -> `[H, S]`.
-
-    A byte is predicted from the decoded bytes left (a, `bpp` bytes back), up (b) and
-    up-left (c): filter 0 none, 1 a, 2 b, 3 floor((a + b) / 2), 4 Paeth(a, b, c); the
-    stored byte is the difference mod 256. Every pixel of one anti-diagonal x + y = k
-    depends only on earlier diagonals, so a diagonal is decoded in one vectorised step:
-    H + W - 1 steps rather than a Python loop over every byte.
-    """
-    h, s = filtered.shape
-    if not types.any():
-        return filtered
-    w = s // bpp
-    diff = filtered.reshape(h, w, bpp).astype(np.int32)
-    out = np.zeros((h + 1, w + 1, bpp), np.int32)  # row 0 and column 0: the zeros outside the image
-    kinds = types.astype(np.int32)
-    for k in range(h + w - 1):
-        y = np.arange(max(0, k - w + 1), min(h, k + 1))
-        x = k - y
-        a, b, c = out[y + 1, x], out[y, x + 1], out[y, x]
-        p = a + b - c
-        pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-        t = kinds[y][:, None]
-        pred = np.where(t == 1, a, np.where(t == 2, b, np.where(t == 3, (a + b) >> 1,
-                                                                np.where(t == 4, paeth, 0))))
-        out[y + 1, x + 1] = (diff[y, x] + pred) & 255
-    return out[1:, 1:].reshape(h, s).astype(np.uint8)
-
-
-def _unpack_samples(rows: np.ndarray, w: int, channels: int, depth: int) -> np.ndarray:
-    """Decoded rows uint8 `[H, S]` -> int32 samples `[H, w, channels]` of `depth` bits."""
-    h = rows.shape[0]
-    if depth == 8:
-        return rows[:, : w * channels].reshape(h, w, channels)
-    if depth == 16:
-        pairs = rows[:, : 2 * w * channels].reshape(h, w, channels, 2).astype(np.int32)
-        return (pairs[..., 0] << 8) | pairs[..., 1]
-    bits = np.unpackbits(rows, axis=1)[:, : w * depth].reshape(h, w, depth).astype(np.int32)
-    return (bits @ (1 << np.arange(depth - 1, -1, -1)))[:, :, None]
-
-
-# ---- any image -------------------------------------------------------------------------------
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file -> uint8 `[H, W, 3]`.
+    """An image file (any format Pillow reads, or .npy) -> uint8 `[H, W, 3]`, upright and
+    with transparency composited onto white (see the module doc)."""
+    return _decode(Path(path))
 
-    PNG is recognised by its signature and decoded here; `.npy` holds uint8 `[H, W, 3]`,
-    `[H, W]`, `[H, W, 1]`, `[H, W, 4]` or floats in [0, 1]; other formats (JPEG, ...)
-    are read through Pillow when it is installed.
-    """
+
+def read_image_sized(path: str | os.PathLike, size: int) -> tuple[np.ndarray, str | None]:
+    """An image file -> (uint8 `[size, size, 3]`: its centred square resized with
+    RESIZE_FILTER, a note when the square was smaller than `size` and had to be
+    upsampled, else None). A size x size image comes back untouched."""
     path = Path(path)
+    image = _decode(path, draft=size)
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image, None
+    fitted = ImageOps.fit(Image.fromarray(image), (size, size), method=RESIZE_FILTER)
+    note = None
+    if min(h, w) < size:
+        note = (f"upsampled image {str(path)!r} from {w}x{h} to {size}x{size}: smaller than the image "
+                f"tokenizer's input; give images at least {size} pixels on their short side")
+    return np.asarray(fitted, np.uint8).copy(), note
+
+
+def _decode(path: Path, draft: int | None = None) -> np.ndarray:
+    """read_image; `draft`: let a large JPEG decode at a reduced scale, to >= 2 * draft."""
     name = str(path)
     if not path.is_file():
         raise MediaError(f"missing image file {name!r}")
@@ -219,31 +124,37 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         try:
             arr = np.load(path, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - any decoding failure is an unreadable file
-            raise MediaError(f"unreadable image {name!r} ({type(e).__name__})") from None
+            raise MediaError(f"unreadable image {name!r} ({type(e).__name__}): {_IMAGE_FIX}") from None
         return as_rgb(arr, name)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise MediaError(f"unreadable image {name!r} ({e.strerror or type(e).__name__})") from None
-    if data.startswith(PNG_SIGNATURE):
-        return _decode_png(data, name)
-    try:
-        from PIL import Image  # optional dependency: only for formats other than PNG and .npy
-    except ImportError:
-        if path.suffix.lower() == ".png":
-            raise MediaError(f"unreadable image {name!r} (not a PNG file)") from None
-        raise MediaError(f"cannot read {path.suffix or 'extension-less'} image {name!r} without Pillow "
-                         "(pip install pillow), or save it as .png or .npy") from None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return as_rgb(np.asarray(im.convert("RGB")), name)
-    except Exception as e:  # noqa: BLE001
-        raise MediaError(f"unreadable image {name!r} ({type(e).__name__})") from None
+        with Image.open(path) as im:
+            im.seek(0)  # an animation's first frame
+            if draft and im.format == "JPEG":
+                im.draft("RGB", (2 * draft, 2 * draft))
+            upright = ImageOps.exif_transpose(im)  # a loaded copy, rotated as its EXIF says
+        return as_rgb(_pixels(upright), name)
+    except MediaError:
+        raise
+    except UnidentifiedImageError:
+        raise MediaError(f"unreadable image {name!r} (not an image format Pillow knows): {_IMAGE_FIX}") from None
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"unsupported image {name!r} ({_one_line(e)}): shrink it first") from None
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data, bad EXIF, odd modes
+        raise MediaError(f"unreadable image {name!r} ({_one_line(e)}): {_IMAGE_FIX}") from None
+
+
+def _pixels(im: Image.Image) -> np.ndarray:
+    """A loaded Pillow image -> uint8 `[H, W]`, `[H, W, 3]` or `[H, W, 4]` (with alpha)."""
+    if im.mode in _WIDE_MODES:  # 16-bit (or 32-bit integer) gray: keep the high byte
+        return (np.clip(np.asarray(im, np.int64), 0, 65535) >> 8).astype(np.uint8)
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        return np.asarray(im.convert("RGBA"))
+    return np.asarray(im.convert("RGB"))
 
 
 def as_rgb(arr: np.ndarray, name: str) -> np.ndarray:
-    """uint8 `[H, W]`, `[H, W, 1]`, `[H, W, 3]`, `[H, W, 4]` (alpha dropped) or floats in
-    [0, 1] -> uint8 `[H, W, 3]`; anything else is a MediaError naming `name`."""
+    """uint8 `[H, W]`, `[H, W, 1]`, `[H, W, 3]`, `[H, W, 4]` (composited onto white) or
+    floats in [0, 1] -> uint8 `[H, W, 3]`; anything else is a MediaError naming `name`."""
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating) and arr.size and 0.0 <= arr.min() and arr.max() <= 1.0:
             arr = np.rint(arr * 255).astype(np.uint8)
@@ -255,53 +166,47 @@ def as_rgb(arr: np.ndarray, name: str) -> np.ndarray:
         raise MediaError(f"image {name!r} has shape {list(arr.shape)}; expected [H, W, 3]")
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr[:, :, :3])
+    if arr.shape[2] == 4:  # over white: rgb * a + 255 * (1 - a), rounded to nearest
+        rgb, alpha = arr[:, :, :3].astype(np.int32), arr[:, :, 3:].astype(np.int32)
+        arr = ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
 
 
-# ---- WAV -------------------------------------------------------------------------------------
-def read_wav(path: str | os.PathLike, sample_rate: int) -> tuple[np.ndarray, str | None]:
-    """A PCM .wav (8/16/24/32-bit, any channels) -> (float32 mono `[T]` at `sample_rate`,
-    a note when it was resampled from another rate, else None). Channels are averaged."""
+# ---- audio -----------------------------------------------------------------------------------
+def read_audio(path: str | os.PathLike, sample_rate: int) -> tuple[np.ndarray, str | None]:
+    """An audio file soundfile reads (see the module doc) -> (float32 mono `[T]` at
+    `sample_rate`, a note when it was resampled from another rate, else None).
+    Channels are averaged; PCM samples are scaled to [-1, 1) (int16 / 32768, ...)."""
     path = Path(path)
     name = str(path)
     if not path.is_file():
         raise MediaError(f"missing audio file {name!r}")
     try:
-        with wave.open(name, "rb") as w:
-            rate, width, channels = w.getframerate(), w.getsampwidth(), w.getnchannels()
-            raw = w.readframes(w.getnframes())
-    except (wave.Error, EOFError, OSError, struct.error) as e:
-        raise MediaError(f"unreadable audio {name!r} ({e or type(e).__name__})") from None
-    if width == 1:
-        pcm = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
-    elif width == 2:
-        pcm = np.frombuffer(raw, "<i2").astype(np.float32) / 32768
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8)[: len(raw) // 3 * 3].reshape(-1, 3).astype(np.int32)
-        pcm = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 8388608
-    elif width == 4:
-        pcm = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648
-    else:
-        raise MediaError(f"audio {name!r} has {8 * width}-bit samples; expected 8/16/24/32-bit PCM")
-    pcm = pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1)
+        pcm, rate = soundfile.read(name, dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as e:
+        raise MediaError(f"unreadable audio {name!r} ({e.error_string.strip()}): {_AUDIO_FIX}") from None
+    except Exception as e:  # noqa: BLE001 - soundfile's other failures on corrupt files
+        raise MediaError(f"unreadable audio {name!r} ({_one_line(e)}): {_AUDIO_FIX}") from None
     if pcm.size == 0:
-        raise MediaError(f"empty audio {name!r}")
+        raise MediaError(f"empty audio {name!r}: it holds no samples; leave it out")
+    mono = np.ascontiguousarray(pcm.mean(axis=1, dtype=np.float32))
     if rate != sample_rate:
-        return resample(pcm, rate, sample_rate), f"resampled audio {name!r} from {rate} Hz to {sample_rate} Hz"
-    return pcm.astype(np.float32), None
+        out = soxr.resample(mono, rate, sample_rate, quality=RESAMPLE_QUALITY).astype(np.float32)
+        return out, f"resampled audio {name!r} from {rate} Hz to {sample_rate} Hz"
+    return mono, None
+
+
+read_wav = read_audio
+"""The name callers used when only PCM .wav was read; the same function."""
 
 
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
-    """float `[T]` in [-1, 1] (clipped) -> 16-bit mono PCM .wav."""
+    """float `[T]` in [-1, 1] (clipped) -> 16-bit mono PCM .wav: sample = rint(x * 32767)."""
     path = Path(path)
     audio = np.asarray(audio)
     if audio.ndim != 1:
         raise MediaError(f"cannot write {str(path)!r}: expected mono audio [T], got shape {list(audio.shape)}")
-    pcm = np.clip(np.rint(audio.astype(np.float64) * 32767), -32768, 32767).astype("<i2")
+    pcm = np.clip(np.rint(audio.astype(np.float64) * 32767), -32768, 32767).astype(np.int16)
     buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(int(sample_rate))
-        w.writeframes(pcm.tobytes())
+    soundfile.write(buf, pcm, int(sample_rate), format="WAV", subtype="PCM_16")
     _write_atomic(path, buf.getvalue())

@@ -8,8 +8,9 @@
     python tools/generate.py --checkpoint runs/tiny --unconditional --to image --num-samples 8 --out u.png
 
 Prompt segments (--text, --image, --audio; each may repeat) form the document in the
-order given; --to opens the segment to generate. Images: PNG or .npy (other formats
-with Pillow installed); audio: PCM .wav, resampled to the codec's rate. Outputs: PNG
+order given; --to opens the segment to generate. Images: any format Pillow reads, or
+.npy, cropped and resized as tools/prepare_data.py does (megamm/media.py); audio: WAV,
+FLAC, OGG, ... (soundfile), resampled to the codec's rate. Outputs: PNG
 (--to image), 16-bit WAV (--to audio), or captions one per line (--to text, also
 printed). With --num-samples N > 1, files are numbered: stem_0.png, stem_1.png, ...
 The checkpoint directory is all that is needed (it carries its tokenizers).
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from megamm.config import ConfigError
 from megamm.generate import Sampling, load_generator
-from megamm.media import MediaError, read_image, read_wav, write_png, write_wav
+from megamm.media import MediaError, read_audio, read_image_sized, write_png, write_wav
 
 
 class _Segment(argparse.Action):
@@ -38,8 +39,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, required=True, help="save dir (uses `latest`) or one step dir")
     ap.add_argument("--text", action=_Segment, metavar="CAPTION", help="a caption segment")
-    ap.add_argument("--image", action=_Segment, metavar="FILE", help="an image segment (PNG or .npy)")
-    ap.add_argument("--audio", action=_Segment, metavar="FILE", help="a speech segment (.wav)")
+    ap.add_argument("--image", action=_Segment, metavar="FILE", help="an image segment (JPEG, PNG, ... or .npy)")
+    ap.add_argument("--audio", action=_Segment, metavar="FILE", help="a speech segment (WAV, FLAC, OGG, ...)")
     ap.add_argument("--unconditional", action="store_true", help="no prompt: sample from the model alone")
     ap.add_argument("--to", choices=("image", "text", "audio"), required=True, help="modality to generate")
     ap.add_argument("--num-samples", type=int, default=1)
@@ -81,9 +82,12 @@ def main(argv=None) -> int:
                     return fail("--text: empty caption")
                 segments.append(("text", value))
             elif kind == "image":
-                segments.append(("image", read_image(Path(value))))
+                image, note = read_image_sized(Path(value), gen.tok.image.cfg.image_size)
+                if note:
+                    print(f"generate: note: {note}", file=sys.stderr)
+                segments.append(("image", image))
             else:
-                wave, note = read_wav(Path(value), gen.tok.audio.sample_rate)
+                wave, note = read_audio(Path(value), gen.tok.audio.sample_rate)
                 if note:
                     print(f"generate: note: {note}", file=sys.stderr)
                 segments.append(("audio", wave))

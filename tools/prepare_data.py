@@ -17,10 +17,13 @@ One JSON object per line, paths relative to the manifest's folder:
 
 Any subset of the keys works (documents are drawn from the templates the example can
 fill, see megamm/data/documents.py); "split" pins an example to train or val,
-otherwise --val-fraction decides by a fixed draw per line. Images: PNG and .npy (uint8
-[H, W, 3], [H, W] or [H, W, 4], or float in [0, 1]) always, other formats when Pillow is
-installed (see megamm/media.py). Audio: PCM .wav, mixed to mono, resampled to the
-tokenizer's rate when it differs (reported).
+otherwise --val-fraction decides by a fixed draw per line. Images: any format Pillow
+reads (JPEG, PNG, WebP, GIF, TIFF, BMP, ...) or .npy (uint8 [H, W, 3], [H, W] or
+[H, W, 4], or float in [0, 1]); upright as their EXIF orientation says, transparency on
+white, then the centred square resized to the image tokenizer's size with a Lanczos
+filter (upsampling a smaller image is reported). Audio: WAV (PCM, float, extensible),
+FLAC, OGG, MP3 where libsndfile reads it; mixed to mono, resampled to the tokenizer's
+rate when it differs (reported). See megamm/media.py.
 
 Bad lines (bad JSON, missing or unreadable file, empty caption, ...) are skipped and
 reported with their line numbers; --strict turns the first one into an error (one
@@ -45,7 +48,7 @@ from megamm.data.documents import (DatasetWriter, DocumentMix, Example, build_do
                                    split_of)
 from megamm.data.shards import verify_directory
 from megamm.demo.recipe import ensure_default_tokenizers
-from megamm.media import MediaError, read_image, read_wav
+from megamm.media import MediaError, read_audio, read_image_sized
 from megamm.runtime import torch_threads
 from megamm.tokenizers import Tokenizers
 from megamm.vocab import Vocab
@@ -68,7 +71,7 @@ class Issue:
     line: int
     message: str
     fatal_only_in_strict: bool = False
-    """True for problems that were repaired (e.g. resampled audio): the line is kept."""
+    """True for problems that were repaired (resampled audio, an upsampled image): the line is kept."""
 
 
 @dataclass
@@ -108,19 +111,20 @@ def parse_line(text: str, line_no: int) -> dict:
     return rec
 
 
-def load_image(path: Path) -> np.ndarray:
-    """An image file -> uint8 [H, W, 3] (megamm.media.read_image); raises BadLine."""
+def load_image(path: Path, size: int) -> tuple[np.ndarray, str | None]:
+    """An image file -> (uint8 [size, size, 3], note if it was upsampled)
+    (megamm.media.read_image_sized); raises BadLine."""
     try:
-        return read_image(path)
+        return read_image_sized(path, size)
     except MediaError as e:
         raise BadLine(str(e)) from None
 
 
 def load_audio(path: Path, sample_rate: int) -> tuple[np.ndarray, str | None]:
-    """A PCM .wav -> (float32 mono [T] at `sample_rate`, note if it was resampled)
-    (megamm.media.read_wav); raises BadLine."""
+    """An audio file -> (float32 mono [T] at `sample_rate`, note if it was resampled)
+    (megamm.media.read_audio); raises BadLine."""
     try:
-        return read_wav(path, sample_rate)
+        return read_audio(path, sample_rate)
     except MediaError as e:
         raise BadLine(str(e)) from None
 
@@ -145,12 +149,14 @@ def encode_chunk(task: tuple[str, list[tuple[int, dict]]], toks=None):
         issues: list[Issue] = []
         try:
             ex = Example(text=rec.get("text"))
+            notes = []
             if "image" in rec:
-                ex.image = load_image(Path(base) / rec["image"])
+                ex.image, note = load_image(Path(base) / rec["image"], toks.image.cfg.image_size)
+                notes.append(note)
             if "audio" in rec:
                 ex.audio, note = load_audio(Path(base) / rec["audio"], toks.audio.sample_rate)
-                if note:
-                    issues.append(Issue(line_no, note, fatal_only_in_strict=True))
+                notes.append(note)
+            issues += [Issue(line_no, note, fatal_only_in_strict=True) for note in notes if note]
         except BadLine as e:
             out.append((line_no, None, [Issue(line_no, str(e))]))
             continue

@@ -12,7 +12,7 @@ its report, built on the library and never imported by it.
     judges.py       both judges, trained once per tokenizers and cached (`load_judges`)
     report.py       tools/evaluate.py's report (`evaluate`) and the training run's
                     sample grids and clips (`write_samples`, `write_samples_from_model`)
-    pictures.py     a bitmap font, captioned image grids and line plots
+    pictures.py     captioned image grids (Pillow) and line plots (matplotlib)
 
 Entry points (launch/, tools/, benchmarks/, tests/) import it; everything else under
 megamm/ does not (tests/test_layering.py).

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megamm import media
 from megamm.demo import digits
 from megamm.data.documents import DocumentMix, build_document, encode_examples, example_rng, split_document, split_of
 from megamm.data.shards import ShardReader, list_shards
@@ -151,14 +150,45 @@ def _rebase(line, base):
     return json.dumps(rec)
 
 
-def test_png_images_load_without_pillow(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
-    image = digits.make_split("val", colourings=1, audio=False, stop=1).images[0]
-    media.write_png(tmp_path / "digit.png", image)
-    assert np.array_equal(tool.load_image(tmp_path / "digit.png"), image)
-    (tmp_path / "cut.png").write_bytes((tmp_path / "digit.png").read_bytes()[:60])
-    with pytest.raises(tool.BadLine, match=r"unreadable image '.*cut\.png' \(truncated"):
-        tool.load_image(tmp_path / "cut.png")
+def test_photos_and_flac_of_a_new_user(toks, tok_dir, tmp_path):
+    """A folder a new user brings: a phone photo (JPEG, EXIF-rotated, larger than the
+    tokenizer's input), a small PNG, FLAC speech at 22.05 kHz, and a corrupt JPEG and
+    FLAC. The good files become examples (upsampling and resampling reported, the line
+    kept); each bad one is skipped with one line naming it."""
+    import soundfile
+    from PIL import Image
+
+    size = toks.image.cfg.image_size
+    digit = digits.make_split("val", colourings=1, stop=1)
+    stored = np.rot90(np.kron(digit.images[0], np.ones((4, 4, 1), np.uint8)), 1)  # 112 x 112, turned
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to display": upright is the digit again
+    Image.fromarray(np.ascontiguousarray(stored)).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    upright, note = tool.load_image(tmp_path / "photo.jpg", size)
+    assert upright.shape == (size, size, 3) and note is None
+    Image.fromarray(digit.images[0][::2, ::2]).save(tmp_path / "small.png")
+    soundfile.write(tmp_path / "speech.flac", digits_resample(digit.audio[0], 22050), 22050)
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / "photo.jpg").read_bytes()[:400])
+    (tmp_path / "broken.flac").write_bytes(b"fLaC" + bytes(300))
+    caption = digit.captions[0]
+    lines = [{"text": caption, "image": "photo.jpg"}, {"text": caption, "image": "small.png"},
+             {"text": caption, "audio": "speech.flac"}, {"text": caption, "image": "broken.jpg"},
+             {"text": caption, "audio": "broken.flac"}]
+    manifest = tmp_path / "mine.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = _run(manifest, tmp_path / "out", tok_dir)
+    assert report.examples == 3
+    skipped = {i.line: i.message for i in report.skipped}
+    repaired = {i.line: i.message for i in report.repaired}
+    assert sorted(skipped) == [4, 5] and sorted(repaired) == [2, 3]
+    assert "unreadable image" in skipped[4] and "broken.jpg" in skipped[4]
+    assert "unreadable audio" in skipped[5] and "broken.flac" in skipped[5]
+    assert "upsampled image" in repaired[2] and f"14x14 to {size}x{size}" in repaired[2]
+    assert "from 22050 Hz to 16000 Hz" in repaired[3]
+    assert all("\n" not in m for m in (*skipped.values(), *repaired.values()))
+    # the photo reads upright: its pixels are the digit's, not the digit turned
+    turned = np.rot90(digit.images[0]).astype(int)
+    assert np.abs(upright.astype(int) - digit.images[0]).mean() < 0.3 * np.abs(upright.astype(int) - turned).mean()
     with pytest.raises(tool.BadLine, match=r"missing audio file '.*gone\.wav'"):
         tool.load_audio(tmp_path / "gone.wav", 16000)
 
