@@ -3,8 +3,8 @@ megamm's shapes, trained under the same DeepSpeed config on the same batches.
 
 `llama_config(cfg, seq_len)` maps a megamm ModelConfig to a LlamaConfig (same layers,
 widths, heads, KV heads, FFN, RoPE theta, norm eps, padded vocabulary, tying);
-`train(...)` runs `steps` optimizer steps and returns per-step records shaped like
-megamm.train.loop's (step, loss, tokens_per_s, step_time_s). Causal attention runs over
+`Baseline(...).step()` is one optimizer step; `train(...)` runs `steps` of them and returns
+per-step records shaped like megamm.train.loop's (step, loss, tokens_per_s, step_time_s). Causal attention runs over
 each packed row as a whole, as a user's plain Llama would.
 
 The loss is `causal_lm_loss`, what HF's own `labels=` loss computes (fp32 logits,
@@ -72,47 +72,62 @@ def compile_layers(model, zero3: bool) -> None:
         set_z3_leaf_modules(model, [LlamaDecoderLayer])
 
 
+class Baseline:
+    """The Llama twin under its DeepSpeed engine, with its loader and cached grammar tables;
+    `step()` is one optimizer step (what `train` times)."""
+
+    def __init__(self, cfg: ModelConfig, ds_cfg: dict, data_dir, seed: int, device,
+                 loss_scope: str = "full", compile: bool = False):
+        import deepspeed
+        import torch.distributed as dist
+        from transformers import LlamaForCausalLM
+
+        self.rank, world = dist.get_rank(), dist.get_world_size()
+        self.vocab, self.device, self.loss_scope = Vocab(cfg.vocab), device, loss_scope
+        mb, self.gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
+        self.loader = PackedLoader(open_split(data_dir, "train", self.vocab), self.vocab, cfg.max_seq_len, mb,
+                                   self.rank, world, seed=seed)
+        torch.manual_seed(seed)
+        hf_cfg = llama_config(cfg, cfg.max_seq_len, self.vocab.size)
+        if ds_config.zero_stage(ds_cfg) == 3:
+            with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+                model = LlamaForCausalLM(hf_cfg)
+        else:
+            model = LlamaForCausalLM(hf_cfg).to(device)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if compile:
+            compile_layers(model, ds_config.zero_stage(ds_cfg) == 3)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+        self.tokens_per_step = mb * self.gas * world * cfg.max_seq_len
+        self.allowed = self.vocab.allowed_table().to(device)
+        self.forbidden = ~self.allowed
+
+    def step(self) -> float:
+        """One optimizer step over `gas` micro-batches -> its mean loss."""
+        loss_sum = 0.0
+        for _ in range(self.gas):
+            inputs, targets = self.loader.next_batch()
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            loss = causal_lm_loss(self.engine(input_ids=inputs).logits, inputs, targets, self.vocab,
+                                  self.loss_scope, self.allowed, self.forbidden)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += float(loss.detach())
+        return loss_sum / self.gas
+
+
 def train(cfg: ModelConfig, ds_cfg: dict, data_dir, steps: int, seed: int, device,
           loss_scope: str = "full", compile: bool = False) -> list[dict]:
     """Train the Llama twin; rank 0's records (other ranks return [])."""
-    import deepspeed
-    import torch.distributed as dist
-    from transformers import LlamaForCausalLM
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    vocab = Vocab(cfg.vocab)
-    mb, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
-    loader = PackedLoader(open_split(data_dir, "train", vocab), vocab, cfg.max_seq_len, mb, rank, world, seed=seed)
-    torch.manual_seed(seed)
-    hf_cfg = llama_config(cfg, cfg.max_seq_len, vocab.size)
-    if ds_config.zero_stage(ds_cfg) == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
-            model = LlamaForCausalLM(hf_cfg)
-    else:
-        model = LlamaForCausalLM(hf_cfg).to(device)
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    if compile:
-        compile_layers(model, ds_config.zero_stage(ds_cfg) == 3)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
-    tokens_per_step = mb * gas * world * cfg.max_seq_len
-    allowed = vocab.allowed_table().to(device)
-    forbidden = ~allowed
+    b = Baseline(cfg, ds_cfg, data_dir, seed, device, loss_scope, compile)
     records = []
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        loss_sum = 0.0
-        for _ in range(gas):
-            inputs, targets = loader.next_batch()
-            inputs, targets = inputs.to(device), targets.to(device)
-            loss = causal_lm_loss(engine(input_ids=inputs).logits, inputs, targets, vocab, loss_scope,
-                                  allowed, forbidden)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach())
+        loss = b.step()
         dt = time.perf_counter() - t0
-        if rank == 0:
-            records.append({"step": step, "loss": loss_sum / gas, "tokens_per_s": tokens_per_step / dt,
+        if b.rank == 0:
+            records.append({"step": step, "loss": loss, "tokens_per_s": b.tokens_per_step / dt,
                             "step_time_s": dt})
     return records

@@ -136,6 +136,7 @@ def run_one(a) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     summary = {
         "impl": a.impl, "loss_scope": a.loss_scope_run, "compile": a.compile_run,
+        "torch_threads": torch.get_num_threads(), "load_average_after": os.getloadavg(),
         "tokens_per_s": tok_s, "step_time_s": statistics.median(r["step_time_s"] for r in timed),
         "tflops": flops / 1e12, "mfu": flops / (peak * world) if peak else None,
         "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     impls = [x for x in a.impls.split(",") if x]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data or write_synthetic_dataset(Path(tmp) / "data", cfg.vocab, n_train=4000, n_val=8)
         scopes = ["full", "modality"] if a.loss_scope == "both" else [a.loss_scope]
@@ -211,7 +213,8 @@ def main(argv=None) -> int:
         "model": a.model, "ds_config": a.ds_config, "device": device_name(), "world_size": a.gpus,
         "seq_len": a.seq_len or cfg.max_seq_len, "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
         "precision": a.precision, "steps": a.steps, "warmup_steps": a.warmup_steps, "repeats": a.repeats,
-        "compile": a.compile, "results": rows,
+        "compile": a.compile, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": rows,
         "speedup": ratio("full"), "speedup_modality": ratio("modality"),
         "speedup_compiled": ratio("full", True), "speedup_modality_compiled": ratio("modality", True),
         "speedup_definition": "megamm tokens/s / transformers.LlamaForCausalLM tokens/s (each the median of its "
