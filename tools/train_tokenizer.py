@@ -30,8 +30,9 @@ class TrainError(Exception):
     pass
 
 
-def read_modality(manifest: Path, kind: str, strict: bool, sample_rate: int = 16000):
-    """The `kind` values of every usable line -> (values, [(line, problem)])."""
+def read_modality(manifest: Path, kind: str, strict: bool, sample_rate: int = 16000, image_size: int = 28):
+    """The `kind` values of every usable line -> (values, [(line, problem)]); images read
+    centre-cropped and resized to image_size (prepare_data's policy)."""
     if not manifest.is_file():
         raise TrainError(f"manifest not found: {manifest}")
     base = manifest.resolve().parent
@@ -46,7 +47,10 @@ def read_modality(manifest: Path, kind: str, strict: bool, sample_rate: int = 16
             if kind == "text":
                 values.append(rec["text"])
             elif kind == "image":
-                values.append(load_image(base / rec["image"]))
+                image, note = load_image(base / rec["image"], image_size)
+                if note and strict:
+                    raise BadLine(note)
+                values.append(image)
             else:
                 audio, note = load_audio(base / rec["audio"], sample_rate)
                 if note and strict:
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
         for name in ("steps", "batch_size", "channels"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
-        values, problems = read_modality(args.manifest, args.kind, args.strict)
+        values, problems = read_modality(args.manifest, args.kind, args.strict, image_size=args.image_size)
         try:
             tok = train(args.kind, values, args)
         except ValueError as e:  # config problems: sizes, vocab, too little audio
