@@ -1,13 +1,17 @@
-"""Install megamm. Two top-level folders are installed under the megamm package:
-`kernels/` as `megamm.kernels`, so it never shadows the unrelated PyPI package called
-`kernels`, and `ds_configs/` (JSON and README only) as `megamm.ds_configs`, so a bare
+"""Install megamm. One top-level folder is installed under the megamm package:
+`ds_configs/` (JSON and README only) as `megamm.ds_configs`, so a bare
 `--ds_config NAME` resolves in an installed megamm as in a checkout
-(megamm/train/ds_config.py). Every package under megamm/ is found, not listed."""
+(megamm/train/ds_config.py). Every package under megamm/ is found, not listed.
+
+The Triton kernels live in megamm/kernels/, not in a top-level `kernels/`: a folder of
+that name at the checkout's root would be importable as `kernels` whenever the root is on
+sys.path (`python -m pytest`, `python -c` from the root) and shadow the PyPI package
+`kernels`, which transformers imports when it is installed."""
 from setuptools import find_packages, setup
 
 # megamm.data has no __init__.py, so find_packages (regular packages only) cannot see it
 PACKAGES = sorted({*find_packages(include=["megamm", "megamm.*"]), "megamm.data",
-                   "megamm.kernels", "megamm.ds_configs"})
+                   "megamm.ds_configs"})
 
 setup(
     name="megamm",
@@ -16,7 +20,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_dir={"megamm.kernels": "kernels", "megamm.ds_configs": "ds_configs"},
+    package_dir={"megamm.ds_configs": "ds_configs"},
     package_data={"megamm": ["assets/*", "assets/**/*"], "megamm.ds_configs": ["*.json", "README.md"]},
     include_package_data=True,
     install_requires=[

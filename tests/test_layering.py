@@ -66,3 +66,15 @@ def test_the_scan_sees_every_form_of_import(tmp_path):
     assert _is_demo(_imported(relative, "megamm.train.loop", False)[0])
     assert not any(_is_demo(n) for node in ast.walk(ast.parse("import megamm.demography\nfrom megamm import data"))
                    for n in _imported(node, "megamm.x", False))
+
+
+def test_the_checkout_root_holds_one_importable_package_megamm():
+    """`python -m pytest` and `python -c` from the checkout put its root first on sys.path,
+    so a top-level folder with an __init__.py there shadows any installed package of the
+    same name. A top-level `kernels/` did exactly that to the PyPI package `kernels`, which
+    transformers imports when installed: every test importing transformers failed to
+    collect. Folders without an __init__.py are namespace portions and never shadow a
+    regular package, so only these are checked."""
+    regular = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert regular == ["megamm"], f"top-level packages in the checkout: {regular}"
+    assert not (ROOT / "kernels.py").exists()

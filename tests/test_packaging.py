@@ -69,6 +69,8 @@ def test_the_installed_copy_is_imported_and_holds_the_bundled_configs(installed)
     module, config = (Path(line).resolve() for line in out.split())
     assert module == (purelib / "megamm" / "__init__.py").resolve()
     assert config == (purelib / "megamm" / "ds_configs" / "zero3_offload.json").resolve()
+    assert (purelib / "megamm" / "kernels" / "rms_norm.py").is_file()
+    assert not (purelib / "kernels").exists()  # never a top-level `kernels`: PyPI has one
 
 
 def test_an_installed_megamm_resolves_a_bare_ds_config_name(installed):
