@@ -16,12 +16,12 @@
 #   bash ../shared/device/make_wheels.sh liger-kernel==0.8.5
 # and carry `.whl`; this script installs them when .whl/ exists. Steps (each has its own
 # time limit, and a failed step is recorded without stopping the rest):
-#   1. the bf16 kernel accuracy check                                           (kernels.py --check)
+#   1. the bf16 kernel accuracy check                                           (kernel_speed.py --check)
 #   2. the loss head's peak torch.cuda.max_memory_allocated, forward + backward, at the 8b
 #      vocabulary and d_model in bf16, chunked head vs the previous one  (head_memory.py --device cuda)
 #   3. 8b, several steps under zero3_offload, capped at 48 GB with
 #      torch.cuda.set_per_process_memory_fraction, next to the estimator's prediction
-#   4. kernels vs torch eager / torch.compile / Liger-Kernel / copy bandwidth  (benchmarks/kernels.py)
+#   4. kernels vs torch eager / torch.compile / Liger-Kernel / copy bandwidth  (benchmarks/kernel_speed.py)
 #      (registers, spills and shared memory per kernel need no GPU: benchmarks/kernels_aot.py, on CPU)
 #   5. 1b throughput / TFLOP/s / MFU vs transformers.LlamaForCausalLM, zero2, both loss
 #      definitions, eager and --compile side by side (train_throughput.py --compile both)
@@ -63,7 +63,7 @@ step() {  # step NAME LIMIT_S CMD...: run, log, record the exit status and the t
   echo "$name rc=$rc seconds=$(( $(date +%s) - t0 )) limit=$limit" | tee -a "$status"
 }
 
-step kernels_check 120 python3 benchmarks/kernels.py --check
+step kernels_check 120 python3 benchmarks/kernel_speed.py --check
 step head_memory 120 python3 benchmarks/head_memory.py --device cuda --out "$res/head_memory-cuda.json"
 step estimate_8b 30 python3 tools/estimate_memory.py --model 8b --ds_config zero3_offload.json --gpus 1 \
   --micro-batch 1 --seq-len 4096
@@ -71,7 +71,7 @@ cp "$res/gpu_suite-estimate_8b.log" "$res/estimate_memory-8b-zero3_offload.txt" 
 step throughput_8b 240 python3 benchmarks/train_throughput.py --model 8b --ds_config zero3_offload.json --gpus 1 \
   --seq-len 4096 --micro-batch 1 --grad-accum 1 --steps 4 --warmup-steps 1 --impls megamm --loss-scope modality \
   --memory-fraction "$frac" --out "$res/train_throughput-cuda-8b-zero3_offload.json"
-step kernels 150 python3 benchmarks/kernels.py
+step kernels 150 python3 benchmarks/kernel_speed.py
 cp benchmarks/results/kernels-*.json "$res/" 2>/dev/null
 step throughput_1b 240 python3 benchmarks/train_throughput.py --model 1b --ds_config zero2.json --gpus 1 \
   --seq-len 2048 --micro-batch 4 --grad-accum 1 --steps 10 --warmup-steps 3 --compile both \

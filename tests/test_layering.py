@@ -78,3 +78,27 @@ def test_the_checkout_root_holds_one_importable_package_megamm():
     regular = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
     assert regular == ["megamm"], f"top-level packages in the checkout: {regular}"
     assert not (ROOT / "kernels.py").exists()
+
+
+def test_no_script_folder_module_shadows_an_installed_module():
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path, so a module there
+    named like an installed one replaces it for every import in that process.
+    benchmarks/kernels.py did that to the PyPI `kernels` when the transformers baseline
+    imported LlamaForCausalLM. Every folder of runnable scripts is checked against the
+    top-level modules importable from the environment (site-packages and stdlib)."""
+    import pkgutil
+    import sys
+
+    script_dirs = [ROOT / d for d in ("benchmarks", "tools", "launch", "launch/slurm")]
+    script_dirs = [d for d in script_dirs if d.is_dir()]
+    ours = {str(ROOT.resolve())} | {str(d.resolve()) for d in script_dirs}
+    paths = [p for p in sys.path if p and Path(p).resolve().as_posix() not in ours]
+    installed = {m.name for m in pkgutil.iter_modules(paths)} | set(sys.builtin_module_names)
+    installed |= set(getattr(sys, "stdlib_module_names", ()))
+    assert {"json", "torch"} <= installed  # the scan sees the stdlib and site-packages
+    clashes = []
+    for d in script_dirs:
+        for m in pkgutil.iter_modules([str(d)]):
+            if m.name in installed:
+                clashes.append(f"{d.relative_to(ROOT)}/{m.name}")
+    assert clashes == [], f"script-folder modules that shadow installed ones: {clashes}"

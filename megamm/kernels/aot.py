@@ -98,7 +98,7 @@ def model_cases(model: ModelShape) -> dict[str, Case]:
     - ``train``: one row of ``max_seq_len`` tokens, forward and backward;
     - ``int64``: as many such rows as make rows x d_model reach 2^31 elements;
     - ``int64_args``: one row of enough tokens that q's batch stride passes 2^31, so
-      Triton passes it as an i64 (the shape of ``benchmarks/kernels.py --check``);
+      Triton passes it as an i64 (the shape of ``benchmarks/kernel_speed.py --check``);
     - ``decode``: one new token, forward only.
     """
     return {

@@ -6,8 +6,8 @@ tokens), against the torch eager reference, ``torch.compile`` of the reference a
 Liger-Kernel when it is importable, next to the measured device-to-device copy
 bandwidth. Results go to ``benchmarks/results/kernels-<device>.json``.
 
-    python benchmarks/kernels.py
-    python benchmarks/kernels.py --tokens 4096 8192 --no-compile
+    python benchmarks/kernel_speed.py
+    python benchmarks/kernel_speed.py --tokens 4096 8192 --no-compile
 
 Device check (``--check``): in bf16, the error of each Triton kernel (outputs and
 gradients) against an fp32 reference must be at most 2x the error of a plain bf16
@@ -15,7 +15,7 @@ torch implementation against the same reference. Also checks fp32 parity on
 non-contiguous inputs and int64 offsets (a tensor of more than 2^31 elements). Prints
 PASS/FAIL per line and exits non-zero on any failure.
 
-    python benchmarks/kernels.py --check
+    python benchmarks/kernel_speed.py --check
 
 GB/s counts the bytes each op must move at minimum (inputs read once, outputs written
 once; weights, rstd and dW partials ignored), the same for every provider.
@@ -38,12 +38,12 @@ HIDDEN, N_HEADS, N_KV_HEADS, HEAD_DIM, THETA, EPS = 4096, 32, 8, 128, 500000.0, 
 
 def _require_cuda() -> None:
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU, and torch.cuda.is_available() is False.", file=sys.stderr)
+        print("benchmarks/kernel_speed.py needs a CUDA GPU, and torch.cuda.is_available() is False.", file=sys.stderr)
         sys.exit(2)
     from megamm.kernels.dispatch import HAS_TRITON, interpreter_requested
 
     if not HAS_TRITON:
-        print("benchmarks/kernels.py needs Triton, which cannot be imported.", file=sys.stderr)
+        print("benchmarks/kernel_speed.py needs Triton, which cannot be imported.", file=sys.stderr)
         sys.exit(2)
     if interpreter_requested():
         print("Unset TRITON_INTERPRET: it would run the kernels in Triton's CPU interpreter.", file=sys.stderr)
