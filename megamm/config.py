@@ -13,6 +13,10 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the culprit."""
 
 
+VOCAB_PADDING_FIELDS = ("pad_multiple", "padded_size")
+"""VocabConfig fields that are the model's choice (table rows), not the tokenizers'."""
+
+
 @dataclass(frozen=True)
 class VocabConfig:
     """Sizes of the unified vocabulary `[text | specials | image codes | audio codes]`."""
@@ -56,6 +60,20 @@ class VocabConfig:
         """Ids that mean something: text + specials + image codes + audio codes."""
         return (self.text_size + self.n_special + self.image_codes
                 + self.audio_codebooks * self.audio_codebook_size)
+
+    def layout(self) -> dict[str, int]:
+        """The fields the tokenizers fix (every field but the padding): two vocabularies
+        with the same layout give every id the same meaning."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in VOCAB_PADDING_FIELDS}
+
+    def layout_difference(self, other: "VocabConfig", other_name: str) -> str | None:
+        """None when `other` has the same layout, else 'field=mine vs OTHER_NAME theirs, ...'
+        for each field that differs."""
+        a, b = self.layout(), other.layout()
+        diff = [k for k in a if a[k] != b[k]]
+        if not diff:
+            return None
+        return ", ".join(f"{k}={a[k]} vs {other_name} {b[k]}" for k in diff)
 
 
 LOSS_SCOPES = ("modality", "full", "target")
@@ -202,3 +220,35 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def resolve_model(spec: str) -> ModelConfig:
+    """`--model`: a preset name, or a JSON file of ModelConfig fields. The file's fields
+    override its optional `"base"` preset's (or the dataclass defaults without one); its
+    `"vocab"`, if any, is only a starting point: training takes the vocabulary from the
+    data (megamm.train.loop). Every problem is a one-line ConfigError naming the file."""
+    import json
+    from pathlib import Path
+
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if not (spec.endswith(".json") or path.is_file()):
+        raise ConfigError(f"unknown model preset {spec!r}; choose one of: {', '.join(PRESETS)}, "
+                          f"or give a JSON model config file")
+    try:
+        fields = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"--model {spec}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model {spec}: malformed JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"--model {spec}: a model config is a JSON object of ModelConfig fields")
+    base = fields.pop("base", None)
+    start = get_preset(base).to_dict() if base is not None else {}
+    start_vocab = {k: v for k, v in start.pop("vocab", {}).items() if k != "padded_size"}  # re-derived
+    vocab = {**start_vocab, **fields.pop("vocab", {})}
+    try:
+        return ModelConfig.from_dict({**start, **fields, "vocab": vocab})
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"--model {spec}: {e}") from None

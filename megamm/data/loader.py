@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from megamm.data.shards import ShardError, ShardReader, list_shards
+from megamm.config import VOCAB_PADDING_FIELDS, ConfigError, VocabConfig
 from megamm.vocab import Vocab
 
 
@@ -26,23 +27,43 @@ class DataError(ValueError):
     """Data that cannot be used: missing directory, no shards, vocabulary mismatch."""
 
 
-def open_split(data_dir, split: str, vocab: Vocab) -> list[ShardReader]:
+def read_meta(data_dir) -> dict:
+    """A prepared data directory's meta.json ({} when it has none)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory not found: {data_dir}")
     meta_path = data_dir / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{meta_path}: malformed JSON ({e.msg}, line {e.lineno})") from None
-        padding = ("pad_multiple", "padded_size")  # the model's choice, not the data's
-        want = {k: v for k, v in vocab.cfg.__dict__.items() if k not in padding}
-        have = {k: v for k, v in meta.get("vocab", {}).items() if k not in padding}
-        if have and have != want:
-            diff = sorted(k for k in want if have.get(k) != want[k])
-            raise DataError(f"{data_dir} was prepared for another vocabulary "
-                            f"({', '.join(f'{k}={have.get(k)} vs model {want[k]}' for k in diff)})")
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_path}: malformed JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: not a JSON object")
+    return meta
+
+
+def data_vocab(data_dir, pad_multiple: int = 1024) -> VocabConfig | None:
+    """The unified vocabulary a data directory was prepared for (its meta.json, written
+    from its tokenizers), padded to `pad_multiple`; None when meta.json records none."""
+    recorded = read_meta(data_dir).get("vocab")
+    if not recorded:
+        return None
+    fields = {k: v for k, v in recorded.items() if k not in VOCAB_PADDING_FIELDS}
+    try:
+        return VocabConfig(**fields, pad_multiple=pad_multiple)
+    except (TypeError, ConfigError) as e:
+        raise DataError(f"{Path(data_dir) / 'meta.json'}: unusable vocab ({e})") from None
+
+
+def open_split(data_dir, split: str, vocab: Vocab) -> list[ShardReader]:
+    data_dir = Path(data_dir)
+    recorded = data_vocab(data_dir, vocab.cfg.pad_multiple)
+    if recorded is not None:
+        diff = recorded.layout_difference(vocab.cfg, "model")
+        if diff:
+            raise DataError(f"{data_dir} was prepared for another vocabulary ({diff})")
     prefixes = list_shards(data_dir, split)
     if not prefixes:
         raise DataError(f"no '{split}' shards (files {split}*.idx/.bin) in {data_dir}")
@@ -151,4 +172,4 @@ def validation_batches(shards: list[ShardReader], vocab: Vocab, seq_len: int, mi
     return [loader.next_batch() for _ in range(n)]
 
 
-__all__ = ["PackedLoader", "DataError", "ShardError", "open_split", "validation_batches"]
+__all__ = ["PackedLoader", "DataError", "ShardError", "data_vocab", "open_split", "read_meta", "validation_batches"]

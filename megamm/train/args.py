@@ -90,7 +90,8 @@ def parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--ds_config", "--ds-config", dest="ds_config", default="zero3_offload.json",
       help="DeepSpeed JSON; a bare name resolves against ds_configs/")
-    a("--model", default="tiny", help=f"preset: {', '.join(PRESETS)}")
+    a("--model", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a JSON model config file; "
+                                      f"the vocabulary comes from the data's meta.json")
     a("--data", default=None, help="directory of train*/val* token shards (default: embedded data set)")
     a("--seq-len", type=int)
     a("--micro-batch", type=int, help="overrides train_micro_batch_size_per_gpu")

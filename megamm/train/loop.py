@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from megamm.checkpoint import has_latest, latest_tag, read_meta
 from megamm.checkpoint.ds import universal
-from megamm.config import ConfigError, ModelConfig, get_preset
-from megamm.data.loader import PackedLoader, open_split, validation_batches
+from megamm.config import ConfigError, ModelConfig, resolve_model
+from megamm.data.loader import PackedLoader, data_vocab, open_split, validation_batches
 from megamm.parallel import Topology
 from megamm.parallel.distributed import barrier, init_distributed
 from megamm.schedule import warmup_cosine
@@ -39,8 +39,9 @@ from megamm.vocab import Vocab
 
 
 def model_config(args: TrainArgs, ds_cfg: dict) -> ModelConfig:
-    """The preset with the command line's model overrides applied."""
-    cfg = get_preset(args.model)
+    """The preset (or JSON model config) of --model with the command line's model
+    overrides applied. Its vocabulary is replaced by the data's in `with_data_vocab`."""
+    cfg = resolve_model(args.model)
     changes = {}
     if args.seq_len is not None:
         changes["max_seq_len"] = args.seq_len
@@ -56,6 +57,28 @@ def model_config(args: TrainArgs, ds_cfg: dict) -> ModelConfig:
     if ac is not None:
         changes["activation_checkpointing"] = ac
     return cfg.replace(**changes)
+
+
+def with_data_vocab(cfg: ModelConfig, data_dir: Path) -> ModelConfig:
+    """`cfg` with the unified vocabulary the data was prepared for (its meta.json, derived
+    from its tokenizers), padded to cfg's pad_multiple: the shape comes from --model, the
+    vocabulary from the data. Unchanged when the data records no vocabulary."""
+    vocab = data_vocab(data_dir, cfg.vocab.pad_multiple)
+    if vocab is None or vocab.layout_difference(cfg.vocab, "") is None:
+        return cfg
+    return cfg.replace(vocab=vocab)
+
+
+def check_resumed_vocab(meta: dict, cfg: ModelConfig, ckpt: Path, data_dir: Path) -> None:
+    """Refuse, in one line, to resume a checkpoint trained on another vocabulary than the data's."""
+    try:
+        saved = ModelConfig.from_dict(meta["model"]).vocab
+    except (KeyError, TypeError, ConfigError):
+        return  # an old or foreign megamm.json: the engine's shape check has the last word
+    diff = saved.layout_difference(cfg.vocab, "data")
+    if diff:
+        raise ConfigError(f"cannot resume {ckpt}: it was trained on another vocabulary than {data_dir} "
+                          f"was prepared for ({diff})")
 
 
 def describe(cfg: ModelConfig, ds_cfg: dict, topo: Topology, args: TrainArgs) -> str:
@@ -157,9 +180,18 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict, hooks: Hooks = Hooks(
     rank = dist.get_rank()
     topo = Topology.for_world(dist.get_world_size(), args.tp, args.pp)
     check_layout(cfg, ds_cfg, topo, args.sequence_parallel)
+    data_dir = resolve_data_dir(args, rank, hooks)
+    cfg = with_data_vocab(cfg, data_dir)
+    check_layout(cfg, ds_cfg, topo, args.sequence_parallel)  # again: the vocabulary may have grown
     groups = topo.build_groups()
     vocab = Vocab(cfg.vocab)
-    data_dir = resolve_data_dir(args, rank, hooks)
+    tag = None
+    if args.resume or (args.auto_resume and has_latest(args.save_dir)):
+        tag = checkpoint.pick_for_resume(args.save_dir, rank)
+        meta = read_meta(Path(args.save_dir) / tag)
+        check_resumed_vocab(meta, cfg, Path(args.save_dir) / tag, data_dir)
+        if universal.is_universal(meta):  # resharded: DeepSpeed loads it when the engine is built for it
+            ds_cfg = universal.resume_config(meta, topo.tp, topo.pp, ds_cfg, Path(args.save_dir) / tag)
     mb = ds_cfg["train_micro_batch_size_per_gpu"]
     # every tp rank and pipeline stage of a data-parallel replica reads the same rows
     loader = PackedLoader(open_split(data_dir, "train", vocab), vocab, cfg.max_seq_len, mb,
@@ -169,12 +201,6 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict, hooks: Hooks = Hooks(
         val = validation_batches(open_split(data_dir, "val", vocab), vocab, cfg.max_seq_len, mb,
                                  groups.dp_rank, topo.dp, args.eval_batches)
     init_state = load_init_state(args.init_from, cfg) if args.init_from and not args.resume else None
-    tag = None
-    if args.resume or (args.auto_resume and has_latest(args.save_dir)):
-        tag = checkpoint.pick_for_resume(args.save_dir, rank)
-        meta = read_meta(Path(args.save_dir) / tag)
-        if universal.is_universal(meta):  # resharded: DeepSpeed loads it when the engine is built for it
-            ds_cfg = universal.resume_config(meta, topo.tp, topo.pp, ds_cfg, Path(args.save_dir) / tag)
     trainer = build_trainer(cfg, ds_cfg, groups, device, args.seed, args.sequence_parallel, lr_lambda(args),
                             guard=bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank), init_state=init_state,
                             compile=args.compile)
@@ -198,13 +224,15 @@ def run(args: TrainArgs, hooks: Hooks = Hooks()) -> list[dict]:
     """Train; returns the per-step metric records (rank 0; others return [])."""
     cfg, ds_cfg = load_configs(args)
     if args.dry_run:
+        if args.data is not None:
+            cfg = with_data_vocab(cfg, Path(args.data))
         world = int(os.environ.get("WORLD_SIZE", args.tp * args.pp))
         topo = Topology.for_world(world, args.tp, args.pp)
         check_layout(cfg, ds_cfg, topo, args.sequence_parallel)
         print(describe(cfg, ds_cfg, topo, args), flush=True)
         return []
     r = setup(args, cfg, ds_cfg, hooks)
-    trainer, rank = r.trainer, r.rank
+    trainer, rank, cfg = r.trainer, r.rank, r.cfg
     save_dir = Path(args.save_dir) if args.save_dir else None
     validator = Validator(args.eval_interval, r.val)
     logger = MetricsLogger(MetricsLog(save_dir / "metrics.jsonl" if save_dir and rank == 0 else None),

@@ -12,10 +12,14 @@ import sys
 import pytest
 from conftest import ROOT, run_train
 
-from megamm.config import get_preset
+from megamm.checkpoint import manifest
+from megamm.config import VocabConfig, get_preset
 from megamm.data.shards import ShardWriter
+from megamm.data.synthetic import write_synthetic_dataset
 from megamm.vocab import Vocab
 
+OTHER_VOCAB = VocabConfig(text_size=300, n_special=12, image_codes=40, image_tokens=9, audio_codebooks=2,
+                          audio_codebook_size=32)
 OUT_OF_RANGE = [("--max-steps", "0"), ("--micro-batch", "-1"), ("--lr", "0")]
 IMPOSSIBLE = [
     (["--tp", "2", "--pp", "2"], ["--pp 2 needs ZeRO stage 0 or 1", "zero1_3d.json"]),
@@ -43,6 +47,18 @@ def cli(tmp_path_factory, tiny_data):
     shutil.copytree(tiny_data, truncated)
     b = truncated / "train_00000.bin"
     b.write_bytes(b.read_bytes()[:-10])
+    # data prepared with other tokenizers: the vocabulary comes from it, the shape from --model
+    other = tmp / "other_vocab"
+    write_synthetic_dataset(other, OTHER_VOCAB, n_train=40, n_val=4, seed=1)
+    (tmp / "model.json").write_text(json.dumps({"base": "tiny", "n_layers": 2, "d_model": 64}))
+    (tmp / "model_bad.json").write_text('{"n_layers": 2,')
+    (tmp / "model_typo.json").write_text('{"n_layayers": 2}')
+    # an intact checkpoint (manifest and all) of a model on the tiny preset's vocabulary
+    ck = tmp / "tiny_ck" / "step3"
+    ck.mkdir(parents=True)
+    (ck / "megamm.json").write_text(json.dumps({"model": get_preset("tiny").to_dict(), "preset": "tiny"}))
+    manifest.write(ck, manifest.entries(ck, manifest.list_files(ck)))
+    (tmp / "tiny_ck" / "latest").write_text("step3")
     no_env: dict[str, str] = {}
     cases = {
         "missing_ds_config": (["--ds_config", "nope.json", "--dry-run"], no_env),
@@ -53,6 +69,11 @@ def cli(tmp_path_factory, tiny_data):
         "truncated_bin": (["--ds_config", "cpu.json", "--data", str(truncated)], no_env),
         "resume_without_checkpoint": (["--ds_config", "cpu.json", "--data", str(tiny_data), "--resume",
                                        "--save-dir", str(tmp / "ck")], no_env),
+        "model_json": (["--model", str(tmp / "model.json"), "--data", str(other), "--dry-run"], no_env),
+        "model_json_malformed": (["--model", str(tmp / "model_bad.json"), "--dry-run"], no_env),
+        "model_json_typo": (["--model", str(tmp / "model_typo.json"), "--dry-run"], no_env),
+        "resume_other_vocab": (["--ds_config", "cpu.json", "--data", str(other), "--resume",
+                                "--save-dir", str(tmp / "tiny_ck")], no_env),
         "world_6": (["--ds_config", "zero1_3d.json", "--tp", "2", "--pp", "2", "--dry-run"], {"WORLD_SIZE": "6"}),
         "dry_run_8b": (["--model", "8b", "--dry-run"], no_env),
         "dry_run_3d": (["--model", "8b", "--ds_config", "zero1_3d.json", "--tp", "2", "--pp", "2", "--dry-run"],
@@ -80,7 +101,7 @@ def test_unknown_preset_exits_non_zero_with_one_line():
     proc = run_train(["--model", "huge", "--dry-run"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == ("error: unknown model preset 'huge'; "
-                                                    "choose one of: tiny, small, 1b, 8b")
+                                                    "choose one of: tiny, small, 1b, 8b, or give a JSON model config file")
 
 
 def test_missing_ds_config(cli):
@@ -140,3 +161,21 @@ def test_dry_run_shows_the_3d_layout(cli):
     assert r["code"] == 0, r["stderr"]
     assert "layout: tp=2 pp=2 dp=1 (world 4)  zero_stage=1" in r["stdout"]
     assert "35 pipeline layers over 2 stages" in r["stdout"]
+
+
+def test_the_vocabulary_comes_from_the_data_and_the_shape_from_a_json_model(cli):
+    r = cli["model_json"]
+    assert r["code"] == 0, r["stderr"]
+    assert "layers=2 d_model=64 heads=4" in r["stdout"], r["stdout"]
+    assert "(text 300, image 40x9/img, audio 2x32)" in r["stdout"], r["stdout"]
+    assert f"vocab={VocabConfig(**OTHER_VOCAB.layout()).padded_size:,}" in r["stdout"]
+
+
+def test_a_malformed_or_misspelt_json_model_is_refused_in_one_line(cli):
+    assert_one_line_error(cli["model_json_malformed"], "model_bad.json", "malformed JSON")
+    assert_one_line_error(cli["model_json_typo"], "model_typo.json", "unknown model config field(s): n_layayers")
+
+
+def test_resuming_a_checkpoint_of_another_vocabulary_is_refused(cli):
+    assert_one_line_error(cli["resume_other_vocab"], "cannot resume", "step3", "another vocabulary",
+                          "text_size=512 vs data 300")
