@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                     return fail("--text: empty caption")
                 segments.append(("text", value))
             elif kind == "image":
-                image, note = read_image_sized(Path(value), gen.tok.image.cfg.image_size)
+                image, note = read_image_sized(Path(value), gen.tok.image.image_size)
                 if note:
                     print(f"generate: note: {note}", file=sys.stderr)
                 segments.append(("image", image))

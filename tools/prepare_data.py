@@ -151,7 +151,7 @@ def encode_chunk(task: tuple[str, list[tuple[int, dict]]], toks=None):
             ex = Example(text=rec.get("text"))
             notes = []
             if "image" in rec:
-                ex.image, note = load_image(Path(base) / rec["image"], toks.image.cfg.image_size)
+                ex.image, note = load_image(Path(base) / rec["image"], toks.image.image_size)
                 notes.append(note)
             if "audio" in rec:
                 ex.audio, note = load_audio(Path(base) / rec["audio"], toks.audio.sample_rate)

@@ -6,8 +6,14 @@
                            decode -> float32 [B, frames * hop]
 
 Image and audio codes are tokenizer-local (each in [0, codebook_size)); megamm.vocab
-maps them into the unified id space. Each tokenizer has `train`, `save(dir)` and
-`load(dir)` (safetensors + JSON).
+maps them into the unified id space. Each tokenizer has `save(dir)` and `load(dir)`.
+
+Backends: megamm's own VQ-VAE and codec (`train`, safetensors + JSON; the embedded
+default), or a pretrained transformers model (megamm.tokenizers.pretrained:
+HFImageTokenizer over Emu3 / Janus / Chameleon, HFAudioTokenizer over EnCodec / DAC /
+Mimi / Xcodec / WavTokenizer). A folder's megamm_tokenizer.json records its kind
+("image" / "hf_image", "audio" / "hf_audio") and settings; `Tokenizers.load` rebuilds
+whichever it names. The text tokenizer is any HF `tokenizers` tokenizer.json.
 
 The tokenizers of the embedded "spoken coloured digits" dataset are trained and
 cached by megamm.demo.recipe (`load_default`).
@@ -18,20 +24,62 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from megamm.config import VocabConfig
+from megamm.config import ConfigError, VocabConfig
 from megamm.tokenizers.audio import AudioCodecConfig, AudioTokenizer, AudioTrainConfig
 from megamm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, ImageTrainConfig
+from megamm.tokenizers.io import INFO_FILE
+from megamm.tokenizers.pretrained import HFAudioTokenizer, HFImageTokenizer, PretrainedTokenizerError
 from megamm.tokenizers.text import TextTokenizer
+
+MAX_UNIFIED_IDS = 2**31 - 1
+"""Token ids are int32 in the HF export and int64 in torch; the shards store uint32."""
+IMAGE_KINDS = {"image": ImageTokenizer, "hf_image": HFImageTokenizer}
+AUDIO_KINDS = {"audio": AudioTokenizer, "hf_audio": HFAudioTokenizer}
+
+
+def kind_of(directory: str | Path) -> str | None:
+    """The kind a saved tokenizer folder's megamm_tokenizer.json records, or None."""
+    try:
+        return json.loads((Path(directory) / INFO_FILE).read_text()).get("kind")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def load_image_tokenizer(directory: str | Path, device="auto"):
+    """ImageTokenizer or HFImageTokenizer, as the folder records."""
+    kind = kind_of(directory) or "image"
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"{Path(directory) / INFO_FILE}: kind {kind!r} is not an image tokenizer "
+                         f"({', '.join(IMAGE_KINDS)})")
+    return IMAGE_KINDS[kind].load(directory) if kind == "image" else HFImageTokenizer.load(directory, device)
+
+
+def load_audio_tokenizer(directory: str | Path, device="auto"):
+    """AudioTokenizer or HFAudioTokenizer, as the folder records."""
+    kind = kind_of(directory) or "audio"
+    if kind not in AUDIO_KINDS:
+        raise ValueError(f"{Path(directory) / INFO_FILE}: kind {kind!r} is not an audio tokenizer "
+                         f"({', '.join(AUDIO_KINDS)})")
+    return AUDIO_KINDS[kind].load(directory) if kind == "audio" else HFAudioTokenizer.load(directory, device)
+
 
 class Tokenizers(NamedTuple):
     """The three tokenizers of one dataset; unpacks as `text, image, audio`."""
 
     text: TextTokenizer
-    image: ImageTokenizer
-    audio: AudioTokenizer
+    image: ImageTokenizer | HFImageTokenizer
+    audio: AudioTokenizer | HFAudioTokenizer
 
     def vocab_config(self, n_special: int = 16, pad_multiple: int = 1024) -> VocabConfig:
-        """The unified vocabulary these tokenizers fill."""
+        """The unified vocabulary these tokenizers fill. Raises ConfigError when it would
+        pass MAX_UNIFIED_IDS."""
+        used = (self.text.size + n_special + self.image.codebook_size
+                + self.audio.n_codebooks * self.audio.codebook_size)
+        if used + pad_multiple > MAX_UNIFIED_IDS:
+            raise ConfigError(f"the tokenizers need {used} ids (text {self.text.size}, image codebook "
+                              f"{self.image.codebook_size}, audio {self.audio.n_codebooks} x "
+                              f"{self.audio.codebook_size}), more than the {MAX_UNIFIED_IDS} an int32 id holds: "
+                              f"pick fewer audio codebooks or a smaller codebook")
         return VocabConfig(text_size=self.text.size, n_special=n_special,
                            image_codes=self.image.codebook_size, image_tokens=self.image.tokens_per_image,
                            audio_codebooks=self.audio.n_codebooks,
@@ -49,8 +97,8 @@ class Tokenizers(NamedTuple):
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {directory}")
-        return cls(TextTokenizer.load(directory / "text"), ImageTokenizer.load(directory / "image"),
-                   AudioTokenizer.load(directory / "audio"))
+        return cls(TextTokenizer.load(directory / "text"), load_image_tokenizer(directory / "image"),
+                   load_audio_tokenizer(directory / "audio"))
 
 
 def tokenizers_dir_of(data_dir: str | Path) -> Path | None:
@@ -72,5 +120,6 @@ def load_for_data(data_dir: str | Path) -> Tokenizers:
     return Tokenizers.load(tok)
 
 
-__all__ = ["TextTokenizer", "ImageTokenizer", "AudioTokenizer", "Tokenizers", "ImageTokenizerConfig",
+__all__ = ["TextTokenizer", "ImageTokenizer", "AudioTokenizer", "HFImageTokenizer", "HFAudioTokenizer",
+           "PretrainedTokenizerError", "kind_of", "load_image_tokenizer", "load_audio_tokenizer", "Tokenizers", "ImageTokenizerConfig",
            "ImageTrainConfig", "AudioCodecConfig", "AudioTrainConfig", "load_for_data", "tokenizers_dir_of"]

@@ -189,6 +189,18 @@ class ImageTokenizer:
     def tokens_per_image(self) -> int:
         return self.cfg.tokens_per_image
 
+    @property
+    def image_size(self) -> int:
+        """Side of the square images it encodes and decodes."""
+        return self.cfg.image_size
+
+    @property
+    def grid(self) -> int:
+        """Side of the square grid of shape codes."""
+        return self.cfg.grid
+
+    can_decode = True
+
     # ---- encode / decode --------------------------------------------------------------
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         """uint8 `[B, H, W, 3]` -> float `[B, 3, S, S]` in [-1, 1] (resized if needed)."""

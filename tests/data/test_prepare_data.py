@@ -158,7 +158,7 @@ def test_photos_and_flac_of_a_new_user(toks, tok_dir, tmp_path):
     import soundfile
     from PIL import Image
 
-    size = toks.image.cfg.image_size
+    size = toks.image.image_size
     digit = digits.make_split("val", colourings=1, stop=1)
     stored = np.rot90(np.kron(digit.images[0], np.ones((4, 4, 1), np.uint8)), 1)  # 112 x 112, turned
     exif = Image.Exif()
