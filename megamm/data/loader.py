@@ -1,13 +1,19 @@
 """Deterministic, resumable, data-parallel loader of packed rows.
 
 Each epoch shuffles the documents (seeded by seed and epoch), packs whole documents
-greedily into rows of `seq_len + 1` tokens (padding the tail with `<pad>`; a document
-longer than a row keeps its first `seq_len + 1` tokens, a valid grammar prefix), and
-deals the rows out: global micro-step t uses rows [t*mb*dp, (t+1)*mb*dp), data-parallel
-rank r the r-th block of mb of them. The state is (epoch, micro_step): saved in
-checkpoints, it resumes on exactly the next batch. The saved state also counts the rows
-of the epoch consumed (`rows` = micro_step x mb x dp), from which a loader with another
-mb x dp (a resharded run) resumes on the same next row, when its mb x dp divides it.
+greedily into rows of `seq_len + 1` tokens (next fit: a row is closed when the next
+document does not fit; the tail is padded with `<pad>`; a document longer than a row
+keeps its first `seq_len + 1` tokens, a valid grammar prefix), and deals the rows out:
+global micro-step t uses rows [t*mb*dp, (t+1)*mb*dp), data-parallel rank r the r-th
+block of mb of them. The state is (epoch, micro_step): saved in checkpoints, it resumes
+on exactly the next batch. The saved state also counts the rows of the epoch consumed
+(`rows` = micro_step x mb x dp), from which a loader with another mb x dp (a resharded
+run) resumes on the same next row, when its mb x dp divides it.
+
+The shuffle and packing of an epoch (megamm.data.plan: vectorised, the same rows as a
+loop over the documents would make) are built once, by the first process to need them,
+into the data set's cache folder (`<data>/.cache`, or `cache_dir`), and memory-mapped by
+every rank; the shards are checked in full once and then block by block as they are read.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megamm.data.plan import PLAN_FORMAT, DataCache, build_plan
 from megamm.data.shards import ShardError, ShardReader, list_shards
 from megamm.config import VOCAB_PADDING_FIELDS, ConfigError, VocabConfig
 from megamm.vocab import Vocab
@@ -57,7 +64,10 @@ def data_vocab(data_dir, pad_multiple: int = 1024) -> VocabConfig | None:
         raise DataError(f"{Path(data_dir) / 'meta.json'}: unusable vocab ({e})") from None
 
 
-def open_split(data_dir, split: str, vocab: Vocab) -> list[ShardReader]:
+def open_split(data_dir, split: str, vocab: Vocab, cache_dir=None) -> list[ShardReader]:
+    """The split's shards, checked against the vocabulary; each shard is read in full
+    once (its verification stamp lives in the cache folder, `cache_dir` or `<data>/.cache`)
+    and afterwards checked block by block as it is read."""
     data_dir = Path(data_dir)
     recorded = data_vocab(data_dir, vocab.cfg.pad_multiple)
     if recorded is not None:
@@ -67,7 +77,7 @@ def open_split(data_dir, split: str, vocab: Vocab) -> list[ShardReader]:
     prefixes = list_shards(data_dir, split)
     if not prefixes:
         raise DataError(f"no '{split}' shards (files {split}*.idx/.bin) in {data_dir}")
-    readers = [ShardReader(p) for p in prefixes]
+    readers = DataCache.for_data(data_dir, cache_dir).open_shards(prefixes)
     for r in readers:
         r.check_vocab(vocab.used_size)
     return readers
@@ -80,56 +90,62 @@ class LoaderState:
 
 
 class PackedLoader:
+    """`cache_dir`: where the packing plans are kept; default `.cache` in the first shard's
+    directory (what open_split uses)."""
+
     def __init__(self, shards: list[ShardReader], vocab: Vocab, seq_len: int, micro_batch: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, cache_dir=None):
         self.shards, self.vocab = shards, vocab
         self.row_len = seq_len + 1
         self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
         self.seed, self.shuffle = seed, shuffle
-        lengths = [r.doc_lengths() for r in shards]
-        self._doc_len = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-        self._shard_of = np.concatenate([np.full(len(l), i) for i, l in enumerate(lengths)])
-        self._local = np.concatenate([np.arange(len(l)) for l in lengths])
-        if len(self._doc_len) == 0:
+        self._first_doc = np.concatenate([[0], np.cumsum([len(r) for r in shards], dtype=np.int64)])
+        if self._first_doc[-1] == 0:
             raise DataError("the data set has no documents")
+        self._cache = DataCache.for_data(shards[0].prefix.parent, cache_dir)
+        self._key = {"format": PLAN_FORMAT, "shards": [[r.prefix.name, r.idx_checksum, len(r)] for r in shards],
+                     "row_len": self.row_len, "seed": seed, "shuffle": shuffle}
         self.state = LoaderState()
         self._plan_epoch = -1
-        self._rows: list[np.ndarray] = []
+        self._order = self._rows = np.zeros(1, dtype=np.int64)
         self._plan(0)
-        if len(self._rows) < self.rows_per_step:
-            raise DataError(f"the data set packs into {len(self._rows)} rows of {self.row_len} tokens, "
+        if self.n_rows < self.rows_per_step:
+            raise DataError(f"the data set packs into {self.n_rows} rows of {self.row_len} tokens, "
                             f"fewer than one step needs ({self.rows_per_step} = micro_batch x dp)")
 
     @property
     def rows_per_step(self) -> int:
         return self.micro_batch * self.dp_size
 
+    @property
+    def n_rows(self) -> int:
+        """Rows of the current plan's epoch."""
+        return len(self._rows) - 1
+
     def _plan(self, epoch: int) -> None:
+        """Map epoch's (order, rows) from the cache (building it there if needed); an
+        unshuffled loader has one plan for every epoch."""
+        epoch = epoch if self.shuffle else 0
         if self._plan_epoch == epoch:
             return
-        n = len(self._doc_len)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
-        rows, cur, used = [], [], 0
-        for d in order:
-            L = min(int(self._doc_len[d]), self.row_len)
-            if used + L > self.row_len:
-                rows.append(np.asarray(cur))
-                cur, used = [], 0
-            cur.append(d)
-            used += L
-        if cur:
-            rows.append(np.asarray(cur))
-        self._rows, self._plan_epoch = rows, epoch
+
+        def build():
+            lengths = np.concatenate([r.doc_lengths() for r in self.shards])
+            return build_plan(lengths, self.row_len, self.seed, epoch, self.shuffle)
+
+        self._order, self._rows = self._cache.plan({**self._key, "epoch": epoch}, build)
+        self._plan_epoch = epoch
 
     def steps_per_epoch(self) -> int:
-        return len(self._rows) // self.rows_per_step
+        return self.n_rows // self.rows_per_step
 
-    def _row_tokens(self, docs: np.ndarray) -> np.ndarray:
+    def _row_tokens(self, row: int) -> np.ndarray:
+        docs = np.asarray(self._order[self._rows[row]: self._rows[row + 1]], dtype=np.int64)
+        shard = np.searchsorted(self._first_doc, docs, side="right") - 1
         out = np.full(self.row_len, self.vocab.pad, dtype=np.int64)
         at = 0
-        for d in docs:
-            toks = self.shards[self._shard_of[d]][self._local[d]][: self.row_len - at]
+        for s, d in zip(shard.tolist(), (docs - self._first_doc[shard]).tolist()):
+            toks = self.shards[s][d][: self.row_len - at]
             out[at: at + len(toks)] = toks
             at += len(toks)
         return out
@@ -138,11 +154,11 @@ class PackedLoader:
         """(inputs, targets), each int64 [micro_batch, seq_len]; advances the state."""
         st = self.state
         self._plan(st.epoch)
-        if (st.micro_step + 1) * self.rows_per_step > len(self._rows):
+        if (st.micro_step + 1) * self.rows_per_step > self.n_rows:
             st.epoch, st.micro_step = st.epoch + 1, 0
             self._plan(st.epoch)
         first = st.micro_step * self.rows_per_step + self.dp_rank * self.micro_batch
-        rows = np.stack([self._row_tokens(self._rows[i]) for i in range(first, first + self.micro_batch)])
+        rows = np.stack([self._row_tokens(i) for i in range(first, first + self.micro_batch)])
         st.micro_step += 1
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()

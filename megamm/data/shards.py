@@ -11,9 +11,12 @@ through numpy memmap.
     K x uint32 CRC-32 of .bin bytes [k*B, min((k+1)*B, size)), K = ceil(4 * offsets[D] / B)
     4 bytes   uint32 CRC-32 of every .idx byte before it
 
-A reader checks both files once, when it opens them: the .idx against its own
-trailing checksum, then every block of the .bin against the recorded ones; a mismatch
-is a ShardError naming the file and the byte range. Format 1 (magic b"MEGAMMI1", no
+A reader checks the .idx against its own trailing checksum and the sizes when it opens
+them (both files are memory-mapped: opening costs no anonymous memory). The .bin is
+checked block by block against the recorded checksums: all at once with `verify=True`
+(or `verify()`), else lazily, each block on the first read of a document in it, with a
+bitmap of the blocks this reader has checked. A mismatch is a ShardError naming the file
+and the byte range, raised before the document is returned. Format 1 (magic b"MEGAMMI1", no
 checksums) is refused with a one-line error that says to
 prepare the data again; the embedded default dataset's cache key includes
 FORMAT_VERSION, so its cached copy is rebuilt in the new format on first use.
@@ -108,55 +111,93 @@ class ShardWriter:
 class ShardReader:
     """Random access to the documents of one shard. `reader[i]` -> uint32 array.
 
-    Opening checks sizes and checksums (a full read of the .bin, once); `verify=False`
-    skips only the .bin checksums (the .idx is always checked)."""
+    Opening checks the .idx and the sizes. `verify=True` also checks every block of the
+    .bin now (one full read) and records the largest token id; `verify=False` leaves each
+    block to be checked on the first read of a document in it (megamm.data.plan's
+    verification stamp says a full check has been done once)."""
 
     def __init__(self, prefix: str | os.PathLike, verify: bool = True):
         self.prefix = Path(prefix)
-        idx_path, bin_path = Path(f"{self.prefix}.idx"), Path(f"{self.prefix}.bin")
-        for p in (idx_path, bin_path):
+        idx_path, self.bin_path = Path(f"{self.prefix}.idx"), Path(f"{self.prefix}.bin")
+        for p in (idx_path, self.bin_path):
             if not p.is_file():
                 raise ShardError(f"shard file missing: {p}")
-        raw = idx_path.read_bytes()
-        if raw[:8] in OLD_MAGICS:
-            raise ShardError(f"{idx_path}: shard format {OLD_MAGICS[raw[:8]]} has no checksums; prepare the "
+        raw = np.memmap(idx_path, dtype="u1", mode="r") if idx_path.stat().st_size else b""
+        if bytes(raw[:8]) in OLD_MAGICS:
+            raise ShardError(f"{idx_path}: shard format {OLD_MAGICS[bytes(raw[:8])]} has no checksums; prepare the "
                              f"data again (tools/prepare_data.py writes format {FORMAT_VERSION})")
-        if len(raw) < _HEADER + 12 or raw[:8] != MAGIC:
+        if len(raw) < _HEADER + 12 or bytes(raw[:8]) != MAGIC:
             raise ShardError(f"{idx_path}: not a megamm index file (bad magic or too short)")
-        stored = int(np.frombuffer(raw[-4:], dtype="<u4")[0])
-        if zlib.crc32(raw[:-4]) != stored:
+        self.idx_checksum = int(np.frombuffer(raw[-4:], dtype="<u4")[0])
+        """The .idx's stored trailing CRC-32: it covers the block checksums, so it keys the
+        content of both files (verification stamps and plan caches use it)."""
+        if zlib.crc32(raw[:-4]) != self.idx_checksum:
             raise ShardError(f"{idx_path}: checksum mismatch (the index is corrupt or truncated)")
         n_docs, self.vocab_size, block = (int(x) for x in np.frombuffer(raw[8:_HEADER], dtype="<i8"))
         end_offsets = _HEADER + 8 * (n_docs + 1)
         if n_docs < 0 or block < 1 or end_offsets > len(raw) - 4:
             raise ShardError(f"{idx_path}: malformed header ({n_docs} documents, block size {block})")
-        self.offsets = np.frombuffer(raw[_HEADER:end_offsets], dtype="<i8")
+        self.offsets = np.frombuffer(raw, dtype="<i8", count=n_docs + 1, offset=_HEADER)
         n_tokens = int(self.offsets[-1])
-        self.checksums = np.frombuffer(raw[end_offsets:-4], dtype="<u4")
-        if len(self.checksums) != -(-4 * n_tokens // block):
+        self.checksums = np.frombuffer(raw, dtype="<u4", count=(len(raw) - 4 - end_offsets) // 4,
+                                       offset=end_offsets)
+        if len(self.checksums) != -(-4 * n_tokens // block) or (len(raw) - 4 - end_offsets) % 4:
             raise ShardError(f"{idx_path}: {len(self.checksums)} checksums for {4 * n_tokens} bytes of tokens")
-        size = bin_path.stat().st_size
+        size = self.bin_path.stat().st_size
         if size != 4 * n_tokens:
-            raise ShardError(f"{bin_path}: truncated or wrong size ({size} bytes, index says {4 * n_tokens})")
-        self.tokens = (np.memmap(bin_path, dtype="<u4", mode="r") if n_tokens
+            raise ShardError(f"{self.bin_path}: truncated or wrong size ({size} bytes, index says {4 * n_tokens})")
+        self.tokens = (np.memmap(self.bin_path, dtype="<u4", mode="r") if n_tokens
                        else np.zeros(0, dtype="<u4"))
+        self.block_bytes = block
+        self._verified = np.zeros(len(self.checksums), dtype=bool)
+        self._n_verified = 0
+        self.max_token: int | None = None
+        """Largest token id, known after a full check (or given by a verification stamp)."""
         if verify:
-            self._verify_bin(bin_path, block)
+            self.verify()
 
-    def _verify_bin(self, bin_path: Path, block: int) -> None:
-        got = block_checksums(self.tokens, block)
-        bad = np.flatnonzero(got != self.checksums)
-        if len(bad):
-            k = int(bad[0])
-            raise ShardError(f"{bin_path}: checksum mismatch in bytes [{k * block}, "
-                             f"{min((k + 1) * block, 4 * self.n_tokens)}) ({len(bad)} bad block(s)); "
+    def verify(self) -> None:
+        """Check every block not yet checked (one read of the .bin) and record max_token."""
+        block, nbytes = self.block_bytes, 4 * self.n_tokens
+        raw = memoryview(self.tokens).cast("B") if nbytes else memoryview(b"")
+        bad, top = [], -1
+        for k in range(len(self.checksums)):
+            lo, hi = k * block, min((k + 1) * block, nbytes)
+            if not self._verified[k] and zlib.crc32(raw[lo:hi]) != int(self.checksums[k]):
+                bad.append(k)
+            elif not bad:  # the largest id, from the same pass while the bytes are hot
+                top = max(top, int(self.tokens[lo // 4: -(-hi // 4)].max()))
+        if bad:
+            k = bad[0]
+            raise ShardError(f"{self.bin_path}: checksum mismatch in bytes [{k * block}, "
+                             f"{min((k + 1) * block, nbytes)}) ({len(bad)} bad block(s)); "
                              "the shard is corrupt, prepare it again")
+        self._verified[:] = True
+        self._n_verified = len(self._verified)
+        self.max_token = top
+
+    def _check_bytes(self, lo: int, hi: int) -> None:
+        """Check the blocks holding .bin bytes [lo, hi) that this reader has not checked yet."""
+        block, nbytes = self.block_bytes, 4 * self.n_tokens
+        for k in range(lo // block, (hi - 1) // block + 1):
+            if self._verified[k]:
+                continue
+            b0, b1 = k * block, min((k + 1) * block, nbytes)
+            got = zlib.crc32(memoryview(self.tokens).cast("B")[b0:b1])
+            if got != int(self.checksums[k]):
+                raise ShardError(f"{self.bin_path}: checksum mismatch in bytes [{b0}, {b1}) (block {k} of "
+                                 f"{len(self.checksums)}, found on read); the shard is corrupt, prepare it again")
+            self._verified[k] = True
+            self._n_verified += 1
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]: self.offsets[i + 1]]
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        if hi > lo and self._n_verified < len(self._verified):
+            self._check_bytes(4 * lo, 4 * hi)
+        return self.tokens[lo:hi]
 
     def doc_lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -166,10 +207,13 @@ class ShardReader:
         return int(self.offsets[-1])
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raise ShardError if any token is >= vocab_size (a shard from another vocabulary)."""
-        if self.n_tokens and int(self.tokens.max()) >= vocab_size:
-            bad = int(self.tokens.max())
-            raise ShardError(f"{self.prefix}.bin: token id {bad} outside the model vocabulary [0, {vocab_size})")
+        """Raise ShardError if any token is >= vocab_size (a shard from another vocabulary).
+        Uses max_token when known, else reads the .bin."""
+        top = self.max_token
+        if top is None:
+            top = int(self.tokens.max()) if self.n_tokens else -1
+        if top >= vocab_size:
+            raise ShardError(f"{self.prefix}.bin: token id {top} outside the model vocabulary [0, {vocab_size})")
 
 
 def list_shards(directory: str | os.PathLike, split: str = "") -> list[Path]:

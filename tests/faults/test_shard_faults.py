@@ -1,5 +1,6 @@
-"""Shards verify their checksums when opened: a flipped bit stops training with the
-shard's path; tools/prepare_data.py --verify checks a directory."""
+"""Shards verify their checksums when first opened, and block by block when read: a
+flipped bit stops training with the shard's path, also one flipped after the shard's
+verification stamp was written; tools/prepare_data.py --verify checks a directory."""
 import shutil
 import subprocess
 import sys
@@ -8,8 +9,12 @@ import numpy as np
 import pytest
 from fault_runs import ROOT, clean_env
 
+from megamm.config import VocabConfig
 from megamm.data import shards
+from megamm.data.loader import PackedLoader, open_split
+from megamm.data.plan import DataCache
 from megamm.data.shards import ShardError, ShardReader, ShardWriter
+from megamm.vocab import Vocab
 
 
 def flip(path, at: int) -> None:
@@ -70,3 +75,24 @@ def test_format_1_indexes_are_refused_with_one_line(tmp_path):
     (tmp_path / "a.idx").write_bytes(b"MEGAMMI1" + offsets)
     with pytest.raises(ShardError, match=r"a\.idx: shard format 1 has no checksums; prepare the data again"):
         ShardReader(tmp_path / "a")
+
+
+def test_a_bit_flipped_after_the_verification_stamp_is_named_on_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "BLOCK_BYTES", 64)  # 16 tokens per checksum
+    with ShardWriter(tmp_path / "train_0", vocab_size=1000) as w:
+        for i in range(10):
+            w.add_document(np.arange(i, i + 7))  # document i: bytes [28 i, 28 i + 28)
+    cache = DataCache.for_data(tmp_path)
+    (reader,) = cache.open_shards([tmp_path / "train_0"])  # read in full, stamped
+    assert reader.max_token == 15 and len(list((tmp_path / ".cache" / "verified").glob("*.json"))) == 1
+    flip(tmp_path / "train_0.bin", at=150)
+    (reader,) = cache.open_shards([tmp_path / "train_0"])  # the stamp holds: the .bin is not read now
+    assert reader[0].tolist() == list(range(7))  # block 0 is intact
+    named = r"train_0\.bin: checksum mismatch in bytes \[128, 192\) \(block 2 of 5, found on read\)"
+    with pytest.raises(ShardError, match=named):
+        reader[5]
+    vocab = Vocab(VocabConfig(text_size=40, n_special=10, image_codes=16, image_tokens=4, audio_codebooks=2,
+                              audio_codebook_size=8, pad_multiple=8))
+    loader = PackedLoader(open_split(tmp_path, "train", vocab), vocab, seq_len=15, micro_batch=5, shuffle=False)
+    with pytest.raises(ShardError, match=named):  # before the batch holding it is returned
+        loader.next_batch()
