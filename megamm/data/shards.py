@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ class ShardWriter:
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._tmp_bin = Path(f"{self.prefix}.bin.tmp")
         self._bin = open(self._tmp_bin, "wb")
-        self._offsets = [0]
+        self._offsets = array("q", [0])  # 8 bytes a document, not a Python int each
         self._crcs: list[int] = []
         self._block_crc, self._block_fill = 0, 0
 
@@ -66,10 +67,27 @@ class ShardWriter:
         arr = np.asarray(ids, dtype=np.int64)
         if arr.ndim != 1 or arr.size == 0:
             raise ShardError(f"{self.prefix}: a document must be a non-empty 1-D id list")
-        if arr.min() < 0 or arr.max() >= self.vocab_size:
+        self._check_ids(arr)
+        self._write(arr.astype("<u4"))
+        self._offsets.append(self._offsets[-1] + arr.size)
+
+    def add_documents(self, ids, lengths) -> None:
+        """Many documents at once: `ids` their tokens back to back, `lengths` theirs."""
+        arr, lengths = np.asarray(ids), np.asarray(lengths, dtype=np.int64)
+        if arr.ndim != 1 or lengths.ndim != 1 or (lengths < 1).any() or lengths.sum() != arr.size:
+            raise ShardError(f"{self.prefix}: documents must be non-empty and their lengths must sum to "
+                             f"the {arr.size} ids given")
+        self._check_ids(arr)
+        self._write(np.ascontiguousarray(arr, dtype="<u4"))
+        self._offsets.frombytes((self._offsets[-1] + np.cumsum(lengths)).astype(np.int64).tobytes())
+
+    def _check_ids(self, arr: np.ndarray) -> None:
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             bad = arr.min() if arr.min() < 0 else arr.max()
             raise ShardError(f"{self.prefix}: token id {bad} outside [0, {self.vocab_size})")
-        raw = memoryview(arr.astype("<u4").tobytes())
+
+    def _write(self, data: np.ndarray) -> None:
+        raw = memoryview(data).cast("B")
         self._bin.write(raw)
         while len(raw):  # running CRC-32 per BLOCK_BYTES block, as the bytes go out
             take = min(len(raw), BLOCK_BYTES - self._block_fill)
@@ -79,7 +97,6 @@ class ShardWriter:
             if self._block_fill == BLOCK_BYTES:
                 self._crcs.append(self._block_crc)
                 self._block_crc, self._block_fill = 0, 0
-        self._offsets.append(self._offsets[-1] + arr.size)
 
     def close(self) -> None:
         if self._block_fill:
@@ -89,7 +106,8 @@ class ShardWriter:
         self._bin.close()
         tmp_idx = Path(f"{self.prefix}.idx.tmp")
         body = (MAGIC + np.array([len(self._offsets) - 1, self.vocab_size, BLOCK_BYTES], dtype="<i8").tobytes()
-                + np.asarray(self._offsets, dtype="<i8").tobytes() + np.asarray(self._crcs, dtype="<u4").tobytes())
+                + np.frombuffer(self._offsets, dtype=np.int64).astype("<i8").tobytes()
+                + np.asarray(self._crcs, dtype="<u4").tobytes())
         with open(tmp_idx, "wb") as f:
             f.write(body + np.array([zlib.crc32(body)], dtype="<u4").tobytes())
             f.flush()

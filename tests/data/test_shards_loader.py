@@ -3,6 +3,7 @@ import pytest
 
 from megamm.config import VocabConfig
 from megamm.data.loader import DataError, PackedLoader, open_split
+from megamm.data import shards
 from megamm.data.shards import ShardError, ShardReader, ShardWriter
 from megamm.data.synthetic import write_synthetic_dataset
 from megamm.vocab import Vocab
@@ -20,6 +21,21 @@ def test_shard_round_trip(tmp_path):
     assert len(r) == 3 and r.n_tokens == 14
     assert [r[i].tolist() for i in range(3)] == docs
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_documents_added_at_once_make_the_same_shard(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "BLOCK_BYTES", 64)
+    docs = [list(range(i, 2 * i + 1)) for i in range(1, 30)]
+    with ShardWriter(tmp_path / "one", vocab_size=100) as w:
+        for d in docs:
+            w.add_document(d)
+    with ShardWriter(tmp_path / "many", vocab_size=100) as w:
+        w.add_documents(np.concatenate(docs[:10]), [len(d) for d in docs[:10]])
+        w.add_documents(np.concatenate(docs[10:]).astype(np.uint32), [len(d) for d in docs[10:]])
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"many.{ext}").read_bytes()
+    with pytest.raises(ShardError, match="lengths must sum"), ShardWriter(tmp_path / "bad", vocab_size=100) as w:
+        w.add_documents([1, 2, 3], [1, 1])
 
 
 def test_a_failed_writer_leaves_no_shard(tmp_path):
