@@ -3,6 +3,8 @@
     <save_dir>/latest          name of the newest complete checkpoint (replaced atomically)
     <save_dir>/step<N>/        one checkpoint: DeepSpeed's files (megamm.checkpoint.ds knows
                                them), megamm.json, rng_rank<r>.pt, tokenizers/, manifest.json
+    <save_dir>/.blobs/         the tokenizer files, once; step<N>/tokenizers/ hard-links them
+                               (megamm.checkpoint.blobs)
 
 megamm.json (written by the trainer at every save) records: "model" (ModelConfig.to_dict),
 "preset", "data", "tokenizers" (a path relative to the checkpoint, or absolute in old

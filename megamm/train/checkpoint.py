@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamm.checkpoint import ds, manifest
+from megamm.checkpoint import blobs, ds, manifest
 from megamm.checkpoint.ds import hooks
 from megamm.checkpoint.layout import (LATEST, META_FILE, TOKENIZERS_DIR, CheckpointError, has_latest, step_dirs,
                                       step_of)
@@ -157,11 +157,13 @@ def save(engine, save_dir, step: int, client_state: dict, meta: dict, rank: int,
 
 
 def _write_meta(ckpt: Path, meta: dict) -> None:
-    """megamm.json; the tokenizers it names are copied in beside it (`tokenizers/`), so
-    the checkpoint directory alone is enough to generate and evaluate anywhere."""
+    """megamm.json; the tokenizers it names are put in beside it (`tokenizers/`), so the
+    checkpoint directory alone is enough to generate and evaluate anywhere. Their files
+    are hard links into the save directory's blob store (megamm.checkpoint.blobs): one
+    copy per save directory, however many steps it keeps."""
     src = meta.get("tokenizers")
     if src and Path(src).is_absolute() and Path(src).is_dir():
-        shutil.copytree(src, ckpt / TOKENIZERS_DIR)
+        blobs.link_tree(Path(src), ckpt / TOKENIZERS_DIR, ckpt.parent)
         meta = {**meta, "tokenizers": TOKENIZERS_DIR, "tokenizers_source": str(src)}
     (ckpt / META_FILE).write_text(json.dumps(meta, indent=1))
 
@@ -179,6 +181,7 @@ def _prune(save_dir: Path, step: int, keep_last: int, rank: int) -> None:
     if rank == 0:
         for p in doomed:
             shutil.rmtree(p, ignore_errors=True)
+        blobs.prune(save_dir)
 
 
 # ---- verifying and resuming ----------------------------------------------------------------
