@@ -37,9 +37,10 @@ setup(
         "soundfile>=0.12",
         "soxr>=0.3",
         "matplotlib>=3.6",
+        "transformers>=5.0",  # pretrained image/audio tokenizers, HF export, megamm.hf_generation
     ],
     extras_require={
-        "dev": ["pytest>=8", "transformers>=4.44", "mpi4py>=3.1"],
+        "dev": ["pytest>=8", "mpi4py>=3.1"],
         "flash": ["flash-attn>=2.5"],
         "mpi": ["mpi4py>=3.1"],
     },

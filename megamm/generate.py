@@ -206,6 +206,9 @@ class MultimodalGenerator:
     def generate_batch_ids(self, prompts: list, to: str, sampling: Sampling = Sampling()):
         """One generation per prompt (a list of segments each), in one batch -> the
         generated segments' ids (content only)."""
+        if to == "image" and not getattr(self.tok.image, "can_decode", True):
+            raise ValueError(f"--to image: the image tokenizer ({self.tok.image!r}) encodes only, so generated "
+                             f"codes cannot become pixels; prepare the data with a decoding one (Emu3VQVAE, JanusVQVAE)")
         ids = [self.prompt(p, to) for p in prompts]
         uncond = None
         if sampling.cfg_scale != 1.0 and to in ("image", "audio"):
@@ -238,11 +241,16 @@ class MultimodalGenerator:
         return [self.decode(to, ids) for ids in self.generate_ids(segments, to, num_samples, sampling)]
 
 
+def tokenizers_misfit(model_vocab, tokenizers: Tokenizers) -> str | None:
+    """How the vocabulary `tokenizers` make differs from `model_vocab` (a VocabConfig),
+    e.g. "image_codes=64 vs model 32768"; None when they make the same layout."""
+    theirs = tokenizers.vocab_config(model_vocab.n_special, model_vocab.pad_multiple)
+    return theirs.layout_difference(model_vocab, "model")
+
+
 def tokenizers_fit(model_vocab, tokenizers: Tokenizers) -> bool:
     """Whether `tokenizers` make the vocabulary `model_vocab` (a VocabConfig) was built for."""
-    theirs = tokenizers.vocab_config(model_vocab.n_special)
-    return (theirs.text_size, theirs.image_codes, theirs.audio_codebook_size) == (
-        model_vocab.text_size, model_vocab.image_codes, model_vocab.audio_codebook_size)
+    return tokenizers_misfit(model_vocab, tokenizers) is None
 
 
 def load_generator(checkpoint, device="cpu") -> MultimodalGenerator:
@@ -258,6 +266,7 @@ def load_generator(checkpoint, device="cpu") -> MultimodalGenerator:
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{ckpt}: its tokenizers at {tok_dir} are unreadable ({e})") from None
     model = load_model(ckpt).to(device)
-    if not tokenizers_fit(model.config.vocab, tokenizers):
-        raise CheckpointError(f"{ckpt}: its tokenizers do not match the model's vocabulary")
+    misfit = tokenizers_misfit(model.config.vocab, tokenizers)
+    if misfit:
+        raise CheckpointError(f"{ckpt}: its tokenizers do not match the model's vocabulary ({misfit})")
     return MultimodalGenerator(model, tokenizers)

@@ -98,13 +98,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return _decode(Path(path))
 
 
-def read_image_sized(path: str | os.PathLike, size: int) -> tuple[np.ndarray, str | None]:
+def read_image_sized(path: str | os.PathLike, size: int, min_side: int = 1) -> tuple[np.ndarray, str | None]:
     """An image file -> (uint8 `[size, size, 3]`: its centred square resized with
     RESIZE_FILTER, a note when the square was smaller than `size` and had to be
-    upsampled, else None). A size x size image comes back untouched."""
+    upsampled, else None). A size x size image comes back untouched. An image whose short
+    side is below `min_side` (an image tokenizer's code grid) is a MediaError."""
     path = Path(path)
     image = _decode(path, draft=size)
     h, w = image.shape[:2]
+    if min(h, w) < min_side:
+        raise MediaError(f"image {str(path)!r} is {w}x{h}, smaller than the image tokenizer's {min_side}x{min_side} "
+                         f"code grid: give images at least {size} pixels on their short side, or leave it out")
     if (h, w) == (size, size):
         return image, None
     fitted = ImageOps.fit(Image.fromarray(image), (size, size), method=RESIZE_FILTER)

@@ -5,6 +5,8 @@ shards and a meta.json that launch/train.py reads with --data OUT.
     python tools/prepare_data.py MANIFEST.jsonl --out DIR [--tokenizers DIR] [--strict]
         [--workers N] [--val-fraction F] [--seed S] [--mix text_image=1,image_text=1,...]
         [--caption-dropout P]
+        [--text-tokenizer FILE_OR_DIR] [--image-tokenizer HF_DIR [--image-size S]]
+        [--audio-tokenizer HF_DIR [--audio-bandwidth KBPS | --audio-codebooks N]]
     python tools/prepare_data.py --verify DIR
 
 --verify checks every shard of DIR against the checksums its .idx records (see
@@ -29,12 +31,22 @@ Bad lines (bad JSON, missing or unreadable file, empty caption, ...) are skipped
 reported with their line numbers; --strict turns the first one into an error (one
 line, exit status 2). Without --tokenizers the default tokenizers are used (trained and
 cached on first use). Same inputs and options give byte-identical shards.
+
+Pretrained tokenizers: --text-tokenizer takes any HF `tokenizers` tokenizer.json (or a
+folder with one: a Llama or Qwen tokenizer folder); --image-tokenizer an HF folder of
+Emu3VQVAE, JanusVQVAE or ChameleonVQVAE (encode only: such data trains, but the model
+cannot draw images); --audio-tokenizer one of EncodecModel, DacModel, MimiModel,
+XcodecModel or WavTokenizerModel (a hub id works where the machine has network). The
+parts given replace those of --tokenizers (or the default) in a new tokenizer folder,
+OUT/tokenizers/, which meta.json names: training takes the model's vocabulary from it,
+and every checkpoint carries it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,7 +62,8 @@ from megamm.data.shards import verify_directory
 from megamm.demo.recipe import ensure_default_tokenizers
 from megamm.media import MediaError, read_audio, read_image_sized
 from megamm.runtime import torch_threads
-from megamm.tokenizers import Tokenizers
+from megamm.config import ConfigError
+from megamm.tokenizers import Tokenizers, compose
 from megamm.vocab import Vocab
 
 CHUNK = 32
@@ -111,11 +124,12 @@ def parse_line(text: str, line_no: int) -> dict:
     return rec
 
 
-def load_image(path: Path, size: int) -> tuple[np.ndarray, str | None]:
+def load_image(path: Path, size: int, min_side: int = 1) -> tuple[np.ndarray, str | None]:
     """An image file -> (uint8 [size, size, 3], note if it was upsampled)
-    (megamm.media.read_image_sized); raises BadLine."""
+    (megamm.media.read_image_sized); raises BadLine, also for an image whose short side
+    is below `min_side` (the tokenizer's code grid: not one pixel per code)."""
     try:
-        return read_image_sized(path, size)
+        return read_image_sized(path, size, min_side)
     except MediaError as e:
         raise BadLine(str(e)) from None
 
@@ -151,7 +165,7 @@ def encode_chunk(task: tuple[str, list[tuple[int, dict]]], toks=None):
             ex = Example(text=rec.get("text"))
             notes = []
             if "image" in rec:
-                ex.image, note = load_image(Path(base) / rec["image"], toks.image.image_size)
+                ex.image, note = load_image(Path(base) / rec["image"], toks.image.image_size, toks.image.grid)
                 notes.append(note)
             if "audio" in rec:
                 ex.audio, note = load_audio(Path(base) / rec["audio"], toks.audio.sample_rate)
@@ -169,8 +183,11 @@ def encode_chunk(task: tuple[str, list[tuple[int, dict]]], toks=None):
 # ---- the whole run ----------------------------------------------------------------------
 def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, strict: bool = False,
             workers: int = 1, val_fraction: float = 0.05, seed: int = 0, mix=None,
-            progress: bool = True) -> Report:
-    """Manifest -> shards + meta.json in `out`. Raises PrepareError on fatal problems."""
+            progress: bool = True, pretrained: dict | None = None) -> Report:
+    """Manifest -> shards + meta.json in `out`. `pretrained`: keyword arguments of
+    megamm.tokenizers.compose (text, image, audio and their settings) that build
+    `out/tokenizers/` from `tokenizers_dir` (or the default) first. Raises PrepareError on
+    fatal problems."""
     start = time.perf_counter()
     mix = mix or DocumentMix()
     if not 0.0 <= val_fraction < 1.0:
@@ -199,6 +216,13 @@ def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, stric
         tokenizers_dir = ensure_default_tokenizers(progress=progress)
     elif not Path(tokenizers_dir).is_dir():
         raise PrepareError(f"tokenizer directory not found: {tokenizers_dir}")
+    pretrained = {k: v for k, v in (pretrained or {}).items() if v is not None}
+    composed = out / ".tokenizers.next"  # becomes out/tokenizers only once the shards are written
+    if pretrained:
+        try:
+            tokenizers_dir = compose(composed, tokenizers_dir, **pretrained)
+        except (FileNotFoundError, ValueError, ConfigError) as e:
+            raise PrepareError(str(e)) from None
     try:
         toks = Tokenizers.load(tokenizers_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -238,11 +262,16 @@ def prepare(manifest: Path, out: Path, tokenizers_dir: Path | None = None, stric
             raise PrepareError(f"{manifest}: no usable examples ({len(report.skipped)} bad line(s); "
                                f"first: line {report.skipped[0].line}: {report.skipped[0].message})"
                                if report.skipped else f"{manifest}: no usable examples")
+        if pretrained:
+            shutil.rmtree(out / "tokenizers", ignore_errors=True)
+            composed.rename(out / "tokenizers")
+            tokenizers_dir = out / "tokenizers"
         report.meta = writer.close(tokenizers_dir, extra={
             "source": str(manifest), "seed": seed, "val_fraction": val_fraction, "mix": mix.to_dict(),
             "skipped_lines": sorted(i.line for i in report.skipped)})
     except BaseException:
         writer.abort()
+        shutil.rmtree(composed, ignore_errors=True)
         raise
     finally:
         if pool is not None:
@@ -309,6 +338,18 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", type=Path, metavar="DIR", help="check the shards of DIR against their checksums")
     ap.add_argument("--tokenizers", type=Path, default=None,
                     help="tokenizer directory (text/, image/, audio/); default: the embedded dataset's")
+    ap.add_argument("--text-tokenizer", type=Path, default=None, metavar="FILE_OR_DIR",
+                    help="an HF tokenizers tokenizer.json, or a folder with one (e.g. a Llama or Qwen tokenizer)")
+    ap.add_argument("--image-tokenizer", default=None, metavar="HF_DIR",
+                    help="HF folder (or hub id) of Emu3VQVAE, JanusVQVAE or ChameleonVQVAE")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="side of the square images the --image-tokenizer encodes (default: its own)")
+    ap.add_argument("--audio-tokenizer", default=None, metavar="HF_DIR",
+                    help="HF folder (or hub id) of EncodecModel, DacModel, MimiModel, XcodecModel or WavTokenizerModel")
+    ap.add_argument("--audio-bandwidth", type=float, default=None, metavar="KBPS",
+                    help="EnCodec / Xcodec: the bandwidth, i.e. how many codebooks (default: the lowest)")
+    ap.add_argument("--audio-codebooks", type=int, default=None, metavar="N",
+                    help="DAC / Mimi: how many codebooks to keep (default: all)")
     ap.add_argument("--strict", action="store_true", help="any bad line is fatal")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--val-fraction", type=float, default=0.05)
@@ -330,8 +371,11 @@ def main(argv=None) -> int:
                    else DocumentMix(caption_dropout=args.caption_dropout))
         except ValueError as e:
             raise PrepareError(f"--mix/--caption-dropout: {e}") from None
+        pretrained = {"text": args.text_tokenizer, "image": args.image_tokenizer, "audio": args.audio_tokenizer,
+                      "image_size": args.image_size, "audio_bandwidth": args.audio_bandwidth,
+                      "audio_codebooks": args.audio_codebooks}
         report = prepare(args.manifest, args.out, args.tokenizers, args.strict, args.workers,
-                         args.val_fraction, args.seed, mix, progress=not args.quiet)
+                         args.val_fraction, args.seed, mix, progress=not args.quiet, pretrained=pretrained)
     except PrepareError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2

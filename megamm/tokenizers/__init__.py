@@ -101,6 +101,51 @@ class Tokenizers(NamedTuple):
                    load_audio_tokenizer(directory / "audio"))
 
 
+def compose(out: str | Path, base: str | Path, text: str | Path | None = None, image: str | Path | None = None,
+            audio: str | Path | None = None, image_size: int | None = None, audio_bandwidth: float | None = None,
+            audio_codebooks: int | None = None) -> Path:
+    """A tokenizer folder at `out` (text/, image/, audio/): each part from `base` (a
+    tokenizer folder) unless given here: `text` a tokenizer.json file or a folder with one
+    (any HF `tokenizers` tokenizer: Llama, Qwen, ...), `image` / `audio` an HF model folder
+    (or hub id) of a class in megamm.tokenizers.pretrained, with its settings. Written
+    beside `out` and renamed into place, so a failure leaves `out` as it was. Raises
+    PretrainedTokenizerError / FileNotFoundError / ValueError with one-line messages."""
+    import shutil
+
+    out, base = Path(out), Path(base)
+    if image is None and image_size is not None:
+        raise PretrainedTokenizerError("--image-size is a setting of a pretrained image tokenizer: give "
+                                       "--image-tokenizer too (megamm's own tokenizer keeps the size it was trained at)")
+    if audio is None and (audio_bandwidth is not None or audio_codebooks is not None):
+        raise PretrainedTokenizerError("--audio-bandwidth / --audio-codebooks are settings of a pretrained audio "
+                                       "tokenizer: give --audio-tokenizer too")
+    stage = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        if text is not None:
+            TextTokenizer.load(text).save(stage / "text")
+        else:
+            shutil.copytree(base / "text", stage / "text")
+        if image is not None:
+            HFImageTokenizer.from_pretrained(image, image_size=image_size, device="cpu").save(stage / "image")
+        else:
+            shutil.copytree(base / "image", stage / "image")
+        if audio is not None:
+            HFAudioTokenizer.from_pretrained(audio, bandwidth=audio_bandwidth, n_codebooks=audio_codebooks,
+                                             device="cpu").save(stage / "audio")
+        else:
+            shutil.copytree(base / "audio", stage / "audio")
+        Tokenizers.load(stage).vocab_config()  # every part loads, and the vocabulary fits
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
 def tokenizers_dir_of(data_dir: str | Path) -> Path | None:
     """Absolute path of the tokenizers a prepared data directory names in its meta.json
     (stored relative to that directory, or absolute); None if it names none."""
@@ -121,5 +166,5 @@ def load_for_data(data_dir: str | Path) -> Tokenizers:
 
 
 __all__ = ["TextTokenizer", "ImageTokenizer", "AudioTokenizer", "HFImageTokenizer", "HFAudioTokenizer",
-           "PretrainedTokenizerError", "kind_of", "load_image_tokenizer", "load_audio_tokenizer", "Tokenizers", "ImageTokenizerConfig",
+           "PretrainedTokenizerError", "compose", "kind_of", "load_image_tokenizer", "load_audio_tokenizer", "Tokenizers", "ImageTokenizerConfig",
            "ImageTrainConfig", "AudioCodecConfig", "AudioTrainConfig", "load_for_data", "tokenizers_dir_of"]

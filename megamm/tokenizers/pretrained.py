@@ -169,7 +169,7 @@ class HFImageTokenizer:
 
             images = np.stack([np.asarray(ImageOps.fit(Image.fromarray(np.asarray(im, np.uint8)), (s, s),
                                                        method=RESIZE_FILTER)) for im in images])
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.array(images, np.uint8)).permute(0, 3, 1, 2).float() / 255.0  # a copy: may be read-only
         return ((x - self.mean) / self.std).to(self.device)
 
     @torch.no_grad()
