@@ -29,10 +29,11 @@ never a plan that is trusted. On a file system without flock() the work may be d
 twice, never trusted half-done.
 
 Verification: a shard is read in full once, by the first process to open it (under the
-lock), which writes its stamp; later opens check only the .idx and sizes and take the
-largest token id from the stamp. Every process still checks each CRC block of a .bin on
-its first read of a document in that block (megamm.data.shards), so a bit flipped after
-the stamp was written is named before it reaches a batch.
+lock), which writes its stamp: the key, the largest token id, and CRC-32s of the .idx in
+1 MiB blocks. Later opens read the .idx's header and tail and the stamp, not the .bin nor
+the .idx's offsets. Every process still checks each CRC block of a .bin, and each stamped
+block of its .idx, on its first read of a document there (megamm.data.shards), so a bit
+flipped after the stamp was written is named before it reaches a batch.
 
 A cache folder that cannot be written (a read-only data directory and no cache_dir) is
 used for what it already holds; what is missing is done in memory: every shard without a
@@ -166,38 +167,41 @@ class DataCache:
         return self.directory / "verified" / f"{r.prefix.name}-{r.idx_checksum:08x}.json"
 
     @staticmethod
-    def _stamp_body(r: ShardReader, max_token: int) -> dict:
+    def _stamp_body(r: ShardReader, max_token: int, idx_blocks: list[int]) -> dict:
         return {"format": STAMP_FORMAT, "shard": r.prefix.name, "idx_checksum": r.idx_checksum,
-                "bin_bytes": 4 * r.n_tokens, "max_token": max_token}
+                "bin_bytes": 4 * r.n_tokens, "max_token": max_token, "idx_blocks": idx_blocks}
 
     def _read_stamp(self, r: ShardReader) -> bool:
-        """Whether r has a valid stamp; if so, r.max_token is set from it."""
+        """Whether r has a valid stamp; if so, r.max_token is set from it and r's .idx is
+        checked by the stamp's block checksums, lazily."""
         if self.directory is None:
             return False
         try:
             got = json.loads(self._stamp_path(r).read_text())
-            body = self._stamp_body(r, int(got["max_token"]))
-            ok = (isinstance(got, dict) and {k: got.get(k) for k in body} == body
+            body = self._stamp_body(r, int(got["max_token"]), [int(c) for c in got["idx_blocks"]])
+            ok = ({k: got.get(k) for k in body} == body
                   and got.get("check") == zlib.crc32(json.dumps(body, sort_keys=True).encode()))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
-        if ok:
-            r.max_token = body["max_token"]
-        return ok
+        if not ok or not r.trust_index(body["idx_blocks"]):
+            return False
+        r.max_token = body["max_token"]
+        return True
 
     def open_shards(self, prefixes) -> list[ShardReader]:
-        """ShardReaders (lazily checked on read) for shards verified in full once: a shard
-        without a valid stamp is checked now, under the lock, and stamped."""
-        readers = [ShardReader(p, verify=False) for p in prefixes]
+        """ShardReaders, lazily checked on read, of shards checked in full once: a shard
+        without a valid stamp is checked now (.idx and .bin), under the lock, and stamped."""
+        readers = [ShardReader(p, verify=False, check_index=False) for p in prefixes]
         todo = [r for r in readers if not self._read_stamp(r)]
         if todo:
             with self.locked():
                 for r in todo:
                     if self._read_stamp(r):  # another process checked it while this one waited
                         continue
+                    r.check_index()
                     r.verify()
                     if self.writable:
-                        body = self._stamp_body(r, r.max_token)
+                        body = self._stamp_body(r, r.max_token, r.index_block_checksums())
                         body["check"] = zlib.crc32(json.dumps(body, sort_keys=True).encode())
                         _write_atomic(self._stamp_path(r), lambda f: f.write(json.dumps(body).encode()))
         return readers

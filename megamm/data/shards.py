@@ -11,11 +11,12 @@ through numpy memmap.
     K x uint32 CRC-32 of .bin bytes [k*B, min((k+1)*B, size)), K = ceil(4 * offsets[D] / B)
     4 bytes   uint32 CRC-32 of every .idx byte before it
 
-A reader checks the .idx against its own trailing checksum and the sizes when it opens
-them (both files are memory-mapped: opening costs no anonymous memory). The .bin is
-checked block by block against the recorded checksums: all at once with `verify=True`
-(or `verify()`), else lazily, each block on the first read of a document in it, with a
-bitmap of the blocks this reader has checked. A mismatch is a ShardError naming the file
+A reader checks the sizes and the .idx against its own trailing checksum when it opens
+them (both files are memory-mapped: opening costs no anonymous memory); given block
+checksums of the .idx from a verification stamp (megamm.data.plan), it checks the .idx
+block by block instead. The .bin is checked block by block against the recorded
+checksums: all at once with `verify=True` (or `verify()`), else lazily, each block on the
+first read of a document in it, with a bitmap of the blocks this reader has checked. A mismatch is a ShardError naming the file
 and the byte range, raised before the document is returned. Format 1 (magic b"MEGAMMI1", no
 checksums) is refused with a one-line error that says to
 prepare the data again; the embedded default dataset's cache key includes
@@ -38,6 +39,8 @@ MAGIC = b"MEGAMMI2"
 OLD_MAGICS = {b"MEGAMMI1": 1}
 BLOCK_BYTES = 1 << 24
 """Bytes of .bin covered by one checksum: a mismatch names a 16 MiB range."""
+INDEX_BLOCK_BYTES = 1 << 20
+"""Bytes of .idx per checksum in a verification stamp (megamm.data.plan), for lazy checks."""
 _HEADER = 32
 
 
@@ -126,62 +129,113 @@ class ShardWriter:
             self._tmp_bin.unlink(missing_ok=True)
 
 
+class _LazyBlocks:
+    """CRC-32 blocks of one file's bytes, each checked on the first read that touches it."""
+
+    def __init__(self, path: Path, buf, crcs: np.ndarray, block: int):
+        self.path, self.buf, self.crcs, self.block = path, memoryview(buf).cast("B"), crcs, block
+        self.done = np.zeros(len(crcs), dtype=bool)
+        self.n_done = 0
+
+    def check(self, lo: int, hi: int) -> None:
+        """Check the blocks holding bytes [lo, hi) that have not been checked yet."""
+        if self.n_done == len(self.done) or hi <= lo:
+            return
+        for k in range(lo // self.block, (hi - 1) // self.block + 1):
+            if self.done[k]:
+                continue
+            b0, b1 = k * self.block, min((k + 1) * self.block, len(self.buf))
+            if zlib.crc32(self.buf[b0:b1]) != int(self.crcs[k]):
+                raise ShardError(f"{self.path}: checksum mismatch in bytes [{b0}, {b1}) (block {k} of "
+                                 f"{len(self.crcs)}, found on read); the shard is corrupt, prepare it again")
+            self.done[k] = True
+            self.n_done += 1
+
+    def mark_all(self) -> None:
+        self.done[:] = True
+        self.n_done = len(self.done)
+
+
 class ShardReader:
     """Random access to the documents of one shard. `reader[i]` -> uint32 array.
 
-    Opening checks the .idx and the sizes. `verify=True` also checks every block of the
-    .bin now (one full read) and records the largest token id; `verify=False` leaves each
-    block to be checked on the first read of a document in it (megamm.data.plan's
-    verification stamp says a full check has been done once)."""
+    Opening checks the sizes and the .idx against its trailing checksum. `verify=True` also
+    checks every block of the .bin now (one full read) and records the largest token id;
+    `verify=False` leaves each block to be checked on the first read of a document in it
+    (megamm.data.plan's verification stamp says a full check was done once).
+    `check_index=False` defers the .idx check to the caller, who must call check_index()
+    or trust_index() (the latter with block checksums of the .idx that a stamp recorded;
+    the .idx is then checked block by block as it is read, like the .bin)."""
 
-    def __init__(self, prefix: str | os.PathLike, verify: bool = True):
+    def __init__(self, prefix: str | os.PathLike, verify: bool = True, check_index: bool = True):
         self.prefix = Path(prefix)
-        idx_path, self.bin_path = Path(f"{self.prefix}.idx"), Path(f"{self.prefix}.bin")
-        for p in (idx_path, self.bin_path):
+        self.idx_path, self.bin_path = Path(f"{self.prefix}.idx"), Path(f"{self.prefix}.bin")
+        for p in (self.idx_path, self.bin_path):
             if not p.is_file():
                 raise ShardError(f"shard file missing: {p}")
-        raw = np.memmap(idx_path, dtype="u1", mode="r") if idx_path.stat().st_size else b""
+        raw = np.memmap(self.idx_path, dtype="u1", mode="r") if self.idx_path.stat().st_size else b""
         if bytes(raw[:8]) in OLD_MAGICS:
-            raise ShardError(f"{idx_path}: shard format {OLD_MAGICS[bytes(raw[:8])]} has no checksums; prepare the "
-                             f"data again (tools/prepare_data.py writes format {FORMAT_VERSION})")
+            raise ShardError(f"{self.idx_path}: shard format {OLD_MAGICS[bytes(raw[:8])]} has no checksums; "
+                             f"prepare the data again (tools/prepare_data.py writes format {FORMAT_VERSION})")
         if len(raw) < _HEADER + 12 or bytes(raw[:8]) != MAGIC:
-            raise ShardError(f"{idx_path}: not a megamm index file (bad magic or too short)")
+            raise ShardError(f"{self.idx_path}: not a megamm index file (bad magic or too short)")
+        self._idx_raw = raw
         self.idx_checksum = int(np.frombuffer(raw[-4:], dtype="<u4")[0])
         """The .idx's stored trailing CRC-32: it covers the block checksums, so it keys the
         content of both files (verification stamps and plan caches use it)."""
-        if zlib.crc32(raw[:-4]) != self.idx_checksum:
-            raise ShardError(f"{idx_path}: checksum mismatch (the index is corrupt or truncated)")
+        self._idx_blocks: _LazyBlocks | None = None  # set by trust_index
+        if check_index:
+            self.check_index()
         n_docs, self.vocab_size, block = (int(x) for x in np.frombuffer(raw[8:_HEADER], dtype="<i8"))
-        end_offsets = _HEADER + 8 * (n_docs + 1)
+        self._end_offsets = end_offsets = _HEADER + 8 * (n_docs + 1)
         if n_docs < 0 or block < 1 or end_offsets > len(raw) - 4:
-            raise ShardError(f"{idx_path}: malformed header ({n_docs} documents, block size {block})")
+            raise ShardError(f"{self.idx_path}: malformed header ({n_docs} documents, block size {block})")
         self.offsets = np.frombuffer(raw, dtype="<i8", count=n_docs + 1, offset=_HEADER)
         n_tokens = int(self.offsets[-1])
         self.checksums = np.frombuffer(raw, dtype="<u4", count=(len(raw) - 4 - end_offsets) // 4,
                                        offset=end_offsets)
         if len(self.checksums) != -(-4 * n_tokens // block) or (len(raw) - 4 - end_offsets) % 4:
-            raise ShardError(f"{idx_path}: {len(self.checksums)} checksums for {4 * n_tokens} bytes of tokens")
+            raise ShardError(f"{self.idx_path}: {len(self.checksums)} checksums for {4 * n_tokens} bytes of tokens")
         size = self.bin_path.stat().st_size
         if size != 4 * n_tokens:
             raise ShardError(f"{self.bin_path}: truncated or wrong size ({size} bytes, index says {4 * n_tokens})")
         self.tokens = (np.memmap(self.bin_path, dtype="<u4", mode="r") if n_tokens
                        else np.zeros(0, dtype="<u4"))
         self.block_bytes = block
-        self._verified = np.zeros(len(self.checksums), dtype=bool)
-        self._n_verified = 0
+        self._bin_blocks = _LazyBlocks(self.bin_path, self.tokens, self.checksums, block)
         self.max_token: int | None = None
         """Largest token id, known after a full check (or given by a verification stamp)."""
         if verify:
             self.verify()
 
+    def check_index(self) -> None:
+        """Check the whole .idx against its trailing checksum (one read of it)."""
+        if zlib.crc32(self._idx_raw[:-4]) != self.idx_checksum:
+            raise ShardError(f"{self.idx_path}: checksum mismatch (the index is corrupt or truncated)")
+
+    def index_block_checksums(self) -> list[int]:
+        """CRC-32 of each INDEX_BLOCK_BYTES of the .idx (for a stamp; after check_index)."""
+        return block_checksums(self._idx_raw, INDEX_BLOCK_BYTES).tolist()
+
+    def trust_index(self, crcs: list[int]) -> bool:
+        """Check the .idx lazily against `crcs` (index_block_checksums of a full check): its
+        header and tail (the .bin checksums) now, each block of offsets on first read. False,
+        checking nothing, when `crcs` cannot be this file's (another size)."""
+        if len(crcs) != -(-len(self._idx_raw) // INDEX_BLOCK_BYTES):
+            return False
+        self._idx_blocks = _LazyBlocks(self.idx_path, self._idx_raw, np.asarray(crcs, dtype=np.uint32),
+                                       INDEX_BLOCK_BYTES)
+        self._idx_blocks.check(0, _HEADER)
+        self._idx_blocks.check(self._end_offsets - 8, len(self._idx_raw))
+        return True
+
     def verify(self) -> None:
         """Check every block not yet checked (one read of the .bin) and record max_token."""
-        block, nbytes = self.block_bytes, 4 * self.n_tokens
-        raw = memoryview(self.tokens).cast("B") if nbytes else memoryview(b"")
+        block, nbytes, blocks = self.block_bytes, 4 * self.n_tokens, self._bin_blocks
         bad, top = [], -1
         for k in range(len(self.checksums)):
             lo, hi = k * block, min((k + 1) * block, nbytes)
-            if not self._verified[k] and zlib.crc32(raw[lo:hi]) != int(self.checksums[k]):
+            if not blocks.done[k] and zlib.crc32(blocks.buf[lo:hi]) != int(self.checksums[k]):
                 bad.append(k)
             elif not bad:  # the largest id, from the same pass while the bytes are hot
                 top = max(top, int(self.tokens[lo // 4: -(-hi // 4)].max()))
@@ -190,34 +244,23 @@ class ShardReader:
             raise ShardError(f"{self.bin_path}: checksum mismatch in bytes [{k * block}, "
                              f"{min((k + 1) * block, nbytes)}) ({len(bad)} bad block(s)); "
                              "the shard is corrupt, prepare it again")
-        self._verified[:] = True
-        self._n_verified = len(self._verified)
+        blocks.mark_all()
         self.max_token = top
-
-    def _check_bytes(self, lo: int, hi: int) -> None:
-        """Check the blocks holding .bin bytes [lo, hi) that this reader has not checked yet."""
-        block, nbytes = self.block_bytes, 4 * self.n_tokens
-        for k in range(lo // block, (hi - 1) // block + 1):
-            if self._verified[k]:
-                continue
-            b0, b1 = k * block, min((k + 1) * block, nbytes)
-            got = zlib.crc32(memoryview(self.tokens).cast("B")[b0:b1])
-            if got != int(self.checksums[k]):
-                raise ShardError(f"{self.bin_path}: checksum mismatch in bytes [{b0}, {b1}) (block {k} of "
-                                 f"{len(self.checksums)}, found on read); the shard is corrupt, prepare it again")
-            self._verified[k] = True
-            self._n_verified += 1
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
+        i = range(len(self))[i]
+        if self._idx_blocks is not None:
+            self._idx_blocks.check(_HEADER + 8 * i, _HEADER + 8 * (i + 2))
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-        if hi > lo and self._n_verified < len(self._verified):
-            self._check_bytes(4 * lo, 4 * hi)
+        self._bin_blocks.check(4 * lo, 4 * hi)
         return self.tokens[lo:hi]
 
     def doc_lengths(self) -> np.ndarray:
+        if self._idx_blocks is not None:
+            self._idx_blocks.check(_HEADER, self._end_offsets)
         return np.diff(self.offsets)
 
     @property

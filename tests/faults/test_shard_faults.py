@@ -96,3 +96,19 @@ def test_a_bit_flipped_after_the_verification_stamp_is_named_on_read(tmp_path, m
     loader = PackedLoader(open_split(tmp_path, "train", vocab), vocab, seq_len=15, micro_batch=5, shuffle=False)
     with pytest.raises(ShardError, match=named):  # before the batch holding it is returned
         loader.next_batch()
+
+
+def test_an_index_bit_flipped_after_the_stamp_is_named_on_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "INDEX_BLOCK_BYTES", 64)  # the stamp's .idx blocks: 8 offsets each
+    with ShardWriter(tmp_path / "train_0", vocab_size=1000) as w:
+        for i in range(30):
+            w.add_document(np.arange(i, i + 3))
+    cache = DataCache.for_data(tmp_path)
+    cache.open_shards([tmp_path / "train_0"])
+    flip(tmp_path / "train_0.idx", at=150)  # offset 14, in block [128, 192); the trailing CRC still reads
+    (reader,) = cache.open_shards([tmp_path / "train_0"])  # the stamp still holds: the offsets are not read now
+    assert reader[0].tolist() == [0, 1, 2]
+    with pytest.raises(ShardError, match=r"train_0\.idx: checksum mismatch in bytes \[128, 192\) \(block 2 of"):
+        reader[13]
+    with pytest.raises(ShardError, match=r"train_0\.idx: checksum mismatch"):
+        ShardReader(tmp_path / "train_0", verify=False)  # without the stamp: the whole .idx, at open
