@@ -105,6 +105,9 @@ def _load_model(class_name: str, path: str | Path, device: torch.device):
 
 
 def _save_model(model, directory: Path, source: Path | None) -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar on stderr
     out = directory / MODEL_DIR
     model.save_pretrained(str(out))
     if source is not None and (source / PREPROCESSOR_FILE).is_file():
