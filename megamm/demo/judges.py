@@ -138,7 +138,8 @@ def tokenizer_fingerprint(tokenizers: Tokenizers) -> str:
     plays no part in the judges)."""
     h = hashlib.sha256()
     for tok in (tokenizers.image, tokenizers.audio):
-        h.update(json.dumps({"kind": tok.kind, "config": asdict(tok.cfg)}, sort_keys=True).encode())
+        config = asdict(tok.cfg) if hasattr(tok, "cfg") else repr(tok)  # a pretrained backend: class and settings
+        h.update(json.dumps({"kind": tok.kind, "config": config}, sort_keys=True).encode())
         for name, tensor in sorted(tok.model.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())

@@ -76,6 +76,20 @@ def heldout(n: int | None = None) -> DigitsData:
     return data
 
 
+JUDGE_RATE = 16000
+"""The embedded clips' and the audio judge's sample rate."""
+
+
+def _resampled(wave: np.ndarray, rate: int, to: int) -> np.ndarray:
+    if rate == to or len(wave) == 0:
+        return wave
+    import soxr
+
+    from megamm.media import RESAMPLE_QUALITY
+
+    return soxr.resample(np.asarray(wave, np.float32), rate, to, quality=RESAMPLE_QUALITY).astype(np.float32)
+
+
 def generation_scores(gen: MultimodalGenerator, data: DigitsData, judges, settings: EvalSettings) -> tuple[dict, dict]:
     """-> (scores, samples) for the four directions on `data`."""
     image_judge, audio_judge = judges
@@ -96,13 +110,14 @@ def generation_scores(gen: MultimodalGenerator, data: DigitsData, judges, settin
     scores["image_to_text_exact"] = float(np.mean([t.strip() == c for t, c in zip(texts, caps)]))
     samples["image_to_text"] = texts
 
-    texts = generate_batched(gen, [[("audio", a)] for a in data.audio], "text", settings.text_sampling,
-                             settings.batch)
+    rate = gen.tok.audio.sample_rate  # a pretrained codec may run at another rate than the 16 kHz data
+    texts = generate_batched(gen, [[("audio", _resampled(a, JUDGE_RATE, rate))] for a in data.audio], "text",
+                             settings.text_sampling, settings.batch)
     scores["audio_to_text_exact"] = float(np.mean([t.strip() == c for t, c in zip(texts, caps)]))
     samples["audio_to_text"] = texts
 
     clips = generate_batched(gen, [[("text", c)] for c in caps], "audio", settings.audio_sampling, settings.batch)
-    heard = audio_judge.transcribe(clips)
+    heard = audio_judge.transcribe([_resampled(c, rate, JUDGE_RATE) for c in clips])
     scores["text_to_audio_word_acc"] = float(np.mean([word_accuracy(c, h) for c, h in zip(caps, heard)]))
     samples["text_to_audio"] = (clips, heard)
     return scores, samples
@@ -111,12 +126,16 @@ def generation_scores(gen: MultimodalGenerator, data: DigitsData, judges, settin
 def evaluate(checkpoint, out: Path, settings: EvalSettings = EvalSettings(), judges=None, log=print) -> dict:
     """The report of the module doc on `checkpoint` (save dir or step dir), written to
     `out` (JSON, atomically) with its pictures beside it; returns it. `judges` default
-    to those trained (once, cached) for the checkpoint's own tokenizers."""
+    to those trained (once, cached) for the checkpoint's own tokenizers when they are
+    megamm's own backends, else to those of the embedded default tokenizers (the judges
+    look at pixels and waveforms; a pretrained tokenizer's round trips of 28-pixel digits
+    are not what they should learn from)."""
     t0 = time.perf_counter()
     ckpt = verified_checkpoint_dir(checkpoint)
     gen = load_generator(ckpt)
     if judges is None:
-        judges = load_judges(gen.tok)
+        own = gen.tok.image.kind == "image" and gen.tok.audio.kind == "audio"
+        judges = load_judges(gen.tok if own else None)
     report: dict = {"checkpoint": str(Path(ckpt).resolve())}
     data = heldout(settings.loss_examples or None)
     log(f"evaluate: held-out losses over {len(data)} examples")

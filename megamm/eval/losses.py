@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,13 +20,23 @@ from megamm.vocab import MODALITY_NAMES
 
 
 @torch.no_grad()
-def test_losses(gen: MultimodalGenerator, data, batch: int = 16) -> dict:
+def test_losses(gen: MultimodalGenerator, data, batch: int = 16, sample_rate: int = 16000) -> dict:
     """The losses of the module doc for `data`: aligned sequences `data.captions` (str),
-    `data.images` (uint8 [H, W, 3]) and `data.audio` (float32 [T]), encoded with the
-    generator's tokenizers; documents longer than the model's context are cut to it."""
+    `data.images` (uint8 [H, W, 3]) and `data.audio` (float32 [T] at `sample_rate`,
+    resampled to the codec's when it differs), encoded with the generator's tokenizers;
+    documents longer than the model's context are cut to it."""
     v, model = gen.vocab, gen.model
+    rate = gen.tok.audio.sample_rate
+    if rate != sample_rate:
+        import soxr
+
+        from megamm.media import RESAMPLE_QUALITY
+
+        audio = [soxr.resample(np.asarray(a, np.float32), sample_rate, rate, quality=RESAMPLE_QUALITY) for a in data.audio]
+    else:
+        audio = data.audio
     segs = [(gen.segment_ids("text", c), gen.segment_ids("image", im), gen.segment_ids("audio", a))
-            for c, im, a in zip(data.captions, data.images, data.audio)]
+            for c, im, a in zip(data.captions, data.images, audio)]
     docs = {"text_image": [], "image_text": [], "text_audio": [], "audio_text": []}
     for t, i, a in segs:
         docs["text_image"].append(v.document([t, i]))

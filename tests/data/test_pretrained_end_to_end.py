@@ -226,3 +226,4 @@ def test_bad_pretrained_inputs_fail_in_one_line(world, tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err[-2000:]
     assert "line 13" in out.out + out.err and "smaller than the image tokenizer's 2x2 code grid" in out.out + out.err
+
