@@ -14,6 +14,9 @@ The shuffle and packing of an epoch (megamm.data.plan: vectorised, the same rows
 loop over the documents would make) are built once, by the first process to need them,
 into the data set's cache folder (`<data>/.cache`, or `cache_dir`), and memory-mapped by
 every rank; the shards are checked in full once and then block by block as they are read.
+
+A blend of several data directories (`--data 0.7 DIR_A 0.3 DIR_B`) is megamm.data.blend's
+BlendedLoader, which reads each source's rows through a PackedLoader of its own.
 """
 from __future__ import annotations
 
@@ -118,6 +121,15 @@ class PackedLoader:
         return self.micro_batch * self.dp_size
 
     @property
+    def plan_key(self) -> dict:
+        """What this loader's plans are keyed by, less the epoch."""
+        return dict(self._key)
+
+    @property
+    def cache(self) -> DataCache:
+        return self._cache
+
+    @property
     def n_rows(self) -> int:
         """Rows of the current plan's epoch."""
         return len(self._rows) - 1
@@ -138,6 +150,17 @@ class PackedLoader:
 
     def steps_per_epoch(self) -> int:
         return self.n_rows // self.rows_per_step
+
+    def rows_of_epoch(self, epoch: int) -> int:
+        """Rows epoch `epoch`'s plan packs (mapping that plan)."""
+        self._plan(epoch)
+        return self.n_rows
+
+    def row(self, epoch: int, row: int) -> np.ndarray:
+        """Row `row` of epoch `epoch`'s plan, int64 [seq_len + 1] (megamm.data.blend reads
+        its sources row by row through this)."""
+        self._plan(epoch)
+        return self._row_tokens(row)
 
     def _row_tokens(self, row: int) -> np.ndarray:
         docs = np.asarray(self._order[self._rows[row]: self._rows[row + 1]], dtype=np.int64)

@@ -12,6 +12,9 @@ directory is read-only):
     plan-<hash>.order.npy           int32 (int64 past 2^31 documents) [D]: the epoch's
                                     documents (global ids: shards in order) in shuffled order
     plan-<hash>.rows.npy            int64 [R + 1]: row r packs order[rows[r]:rows[r + 1]]
+    blend-<hash>.json, .dataset_index.npy, .dataset_sample_index.npy
+                                    a blend's index (megamm.data.blend), kept in its first
+                                    source's cache folder under the same commit protocol
 
 `<hash>` is a SHA-256 of the key: PLAN_FORMAT, each shard's name, .idx checksum and
 document count, the row length, seed, shuffle and epoch. The .idx checksum (the CRC the
@@ -206,13 +209,13 @@ class DataCache:
                         _write_atomic(self._stamp_path(r), lambda f: f.write(json.dumps(body).encode()))
         return readers
 
-    # packing plans
+    # packing plans and other cached arrays
 
     @staticmethod
-    def _plan_name(key: dict) -> str:
-        return "plan-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    def _plan_name(key: dict, kind: str = "plan") -> str:
+        return f"{kind}-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
-    def _load_plan(self, name: str, key: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    def _load_arrays(self, name: str, key: dict, parts: tuple[str, ...]) -> list[np.ndarray] | None:
         if self.directory is None:
             return None
         try:
@@ -220,7 +223,7 @@ class DataCache:
             if meta.get("format") != PLAN_FORMAT or meta.get("key") != key:
                 return None
             arrays = []
-            for part in ("order", "rows"):
+            for part in parts:
                 path, info = self.directory / f"{name}.{part}.npy", meta["files"][part]
                 if path.stat().st_size != info["bytes"] or file_crc32(path) != info["crc32"]:
                     return None
@@ -230,26 +233,30 @@ class DataCache:
                 arrays.append(arr)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        order, rows = arrays
-        if len(rows) < 1 or rows[0] != 0 or rows[-1] != len(order):
-            return None
-        return order, rows
+        return arrays
 
-    def plan(self, key: dict, build: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        """The (order, rows) arrays of `key`, memory-mapped from the cache; `build()` makes
-        them, in one process, when the cache has none that is valid."""
-        name = self._plan_name(key)
-        got = self._load_plan(name, key)
+    def arrays(self, kind: str, key: dict, parts: tuple[str, ...], build: Callable[[], tuple[np.ndarray, ...]],
+               valid: Callable[[list[np.ndarray]], bool] = lambda arrays: True) -> list[np.ndarray]:
+        """The 1-D arrays `parts` of `key` (files `<kind>-<hash>.<part>.npy`, committed by
+        `<kind>-<hash>.json`), memory-mapped from the cache; `build()` makes them, in one
+        process, when the cache has none that is intact and `valid`."""
+        name = self._plan_name(key, kind)
+
+        def load():
+            got = self._load_arrays(name, key, parts)
+            return got if got is not None and valid(got) else None
+
+        got = load()
         if got is not None:
             return got
         if not self.writable:
-            return build()
+            return list(build())
         with self.locked():
-            got = self._load_plan(name, key)  # built by another process while this one waited
+            got = load()  # built by another process while this one waited
             if got is not None:
                 return got
             files = {}
-            for part, arr in zip(("order", "rows"), build()):
+            for part, arr in zip(parts, build()):
                 path = self.directory / f"{name}.{part}.npy"
                 _write_atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
                 files[part] = {"bytes": path.stat().st_size, "crc32": file_crc32(path),
@@ -257,7 +264,17 @@ class DataCache:
                 del arr
             meta = {"format": PLAN_FORMAT, "key": key, "files": files}
             _write_atomic(self.directory / f"{name}.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-            got = self._load_plan(name, key)
+            got = load()
         if got is None:
-            raise OSError(f"{self.directory / name}.json: the packing plan just written does not read back")
+            raise OSError(f"{self.directory / name}.json: the {kind} just written does not read back")
         return got
+
+    def plan(self, key: dict, build: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """The (order, rows) arrays of `key`, memory-mapped from the cache; `build()` makes
+        them, in one process, when the cache has none that is valid."""
+        def valid(arrays):
+            order, rows = arrays
+            return len(rows) >= 1 and rows[0] == 0 and rows[-1] == len(order)
+
+        order, rows = self.arrays("plan", key, ("order", "rows"), build, valid)
+        return order, rows
