@@ -126,7 +126,7 @@ def blend_index(weights, n: int) -> tuple[np.ndarray, np.ndarray]:
     extra = 2 * k_n + 2  # every sample left out is due after n + 2K + 2, and >= n are due before
     dues, srcs, js = [], [], []
     for k in range(k_n):
-        j = np.arange(int(math.ceil(n * w[k])) + extra, dtype=np.int64)
+        j = np.arange(math.ceil(n * w[k]) + extra, dtype=np.int64)
         dues.append((j + 0.5) / w[k])
         srcs.append(np.full(len(j), k, dtype=np.int64))
         js.append(j)

@@ -192,6 +192,9 @@ class PackedLoader:
 
     def load_state_dict(self, d: dict) -> None:
         """Resume at d's position: its `rows` when recorded, else its micro_step."""
+        if "sources" in d:
+            raise DataError(f"the checkpoint was trained on a blend of {', '.join(d['sources'])}; this run reads "
+                            f"one data directory: resume with the same --data")
         micro_step = int(d["micro_step"])
         if "rows" in d:
             rows = int(d["rows"])

@@ -5,14 +5,16 @@ import argparse
 from dataclasses import dataclass
 
 from megamm.config import LOSS_SCOPES, PRESETS, ConfigError
+from megamm.data.blend import parse_blend
 
 
 @dataclass(frozen=True)
 class TrainArgs:
     ds_config: str = "zero3_offload.json"
     model: str = "tiny"
-    data: str | None = None
-    """Directory of train*/val* shards; None = the embedded default data set."""
+    data: str | tuple[str, ...] | None = None
+    """Directory of train*/val* shards; a blend's WEIGHT DIR pairs (megamm.data.blend), as a
+    tuple of words; None = the embedded default data set."""
     seq_len: int | None = None
     """Tokens per row; None = the preset's max_seq_len."""
     micro_batch: int | None = None
@@ -80,6 +82,8 @@ class TrainArgs:
         if self.compile and self.kernels == "triton":
             raise ConfigError("--compile cannot trace the hand-written Triton kernels (--kernels triton); use "
                               "--kernels auto or torch: compiled blocks get inductor's own fused kernels")
+        if isinstance(self.data, tuple):
+            parse_blend(self.data)  # the words' shape and weights; the directories are checked at setup
         if self.resume and not self.save_dir:
             raise ConfigError("--resume needs --save-dir (the directory to resume from)")
 
@@ -92,7 +96,9 @@ def parser() -> argparse.ArgumentParser:
       help="DeepSpeed JSON; a bare name resolves against ds_configs/")
     a("--model", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a JSON model config file; "
                                       f"the vocabulary comes from the data's meta.json")
-    a("--data", default=None, help="directory of train*/val* token shards (default: embedded data set)")
+    a("--data", default=None, nargs="+", metavar="[WEIGHT] DIR",
+      help="directory of train*/val* token shards (default: embedded data set), or a blend of several: "
+           "WEIGHT DIR pairs, e.g. 0.7 DIR_A 0.3 DIR_B (packed rows drawn in proportion to the weights)")
     a("--seq-len", type=int)
     a("--micro-batch", type=int, help="overrides train_micro_batch_size_per_gpu")
     a("--grad-accum", type=int, help="overrides gradient_accumulation_steps")
@@ -147,4 +153,6 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv=None) -> TrainArgs:
     ns = vars(parser().parse_args(argv))
     ns.pop("local_rank", None)
+    if ns["data"] is not None:  # one directory stays a plain path; a blend keeps its words
+        ns["data"] = ns["data"][0] if len(ns["data"]) == 1 else tuple(ns["data"])
     return TrainArgs(**ns)

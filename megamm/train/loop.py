@@ -6,6 +6,12 @@ engine, resume), then step until max_steps, asking each periodic job (megamm.tra
 
 `Hooks` are what the entry point plugs in (the default data set, samples, the final
 evaluation), so the train package imports neither megamm.eval nor the demo.
+
+Data: one directory (PackedLoader), or a blend of several (`--data 0.7 DIR_A 0.3 DIR_B`,
+megamm.data.blend's BlendedLoader; they must share one vocabulary). A blend's sources are
+named by their directories' basenames, and its metrics.jsonl records add `tokens_<name>`
+every step (counted target tokens from that source, all replicas) and, at validation,
+`val_loss_<name>` per source's validation split, with `val_loss` their weight-mean.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from tqdm import tqdm
 from megamm.checkpoint import has_latest, latest_tag, read_meta
 from megamm.checkpoint.ds import universal
 from megamm.config import ConfigError, ModelConfig, resolve_model
+from megamm.data.blend import BlendedLoader, Source, check_shared_vocab, resolve_sources
 from megamm.data.loader import PackedLoader, data_vocab, open_split, validation_batches
 from megamm.parallel import Topology
 from megamm.parallel.distributed import barrier, init_distributed
@@ -32,7 +39,7 @@ from megamm.train import bad_steps, checkpoint, ds_config
 from megamm.train.args import TrainArgs
 from megamm.train.engine import Trainer, build_trainer, check_layout
 from megamm.train.init_from import load_init_state
-from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops
+from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops, source_token_counts
 from megamm.train.preemption import Preempted, StopRequest
 from megamm.train.schedules import Checkpointer, MetricsLogger, Sampler, Validator
 from megamm.vocab import Vocab
@@ -124,6 +131,14 @@ class Hooks:
     (--final-eval, or by default on the default data set); its failure is a FinalEvalError."""
 
 
+def resolve_data(args: TrainArgs, rank: int, hooks: Hooks) -> list[Source]:
+    """The run's data sources: a blend's (each directory checked), else one directory's."""
+    if isinstance(args.data, tuple):
+        return resolve_sources(args.data)
+    path = resolve_data_dir(args, rank, hooks)
+    return [Source(path.name, 1.0, path)]
+
+
 def resolve_data_dir(args: TrainArgs, rank: int, hooks: Hooks) -> Path:
     if args.data is not None:
         return Path(args.data)
@@ -143,11 +158,18 @@ class Run:
     cfg: ModelConfig
     ds_cfg: dict
     trainer: Trainer
-    loader: PackedLoader
-    val: list | None
+    loader: PackedLoader | BlendedLoader
+    val: list | dict[str, list] | None
+    """Validation micro-batches; a blend's by source name."""
     data_dir: Path
+    """The data directory (a blend's first source: its vocabulary and tokenizers are the run's)."""
     rank: int
+    sources: list[Source] = dataclasses.field(default_factory=list)
     step: int = 0
+
+    @property
+    def blended(self) -> bool:
+        return isinstance(self.loader, BlendedLoader)
 
     @property
     def topo(self) -> Topology:
@@ -156,7 +178,8 @@ class Run:
     def meta(self) -> dict:
         """What megamm.json records next to the engine's files."""
         tok = tokenizers_dir_of(self.data_dir)
-        return {"model": self.cfg.to_dict(), "preset": self.args.model, "data": str(self.data_dir),
+        data = " ".join(self.args.data) if self.blended else str(self.data_dir)
+        return {"model": self.cfg.to_dict(), "preset": self.args.model, "data": data,
                 "tokenizers": str(tok) if tok else None,
                 "zero_stage": ds_config.zero_stage(self.ds_cfg), "precision": ds_config.precision(self.ds_cfg),
                 "topology": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp},
@@ -180,7 +203,9 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict, hooks: Hooks = Hooks(
     rank = dist.get_rank()
     topo = Topology.for_world(dist.get_world_size(), args.tp, args.pp)
     check_layout(cfg, ds_cfg, topo, args.sequence_parallel)
-    data_dir = resolve_data_dir(args, rank, hooks)
+    sources = resolve_data(args, rank, hooks)
+    data_dir = sources[0].path
+    check_shared_vocab(sources, cfg.vocab.pad_multiple)
     cfg = with_data_vocab(cfg, data_dir)
     check_layout(cfg, ds_cfg, topo, args.sequence_parallel)  # again: the vocabulary may have grown
     groups = topo.build_groups()
@@ -194,23 +219,34 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict, hooks: Hooks = Hooks(
             ds_cfg = universal.resume_config(meta, topo.tp, topo.pp, ds_cfg, Path(args.save_dir) / tag)
     mb = ds_cfg["train_micro_batch_size_per_gpu"]
     # every tp rank and pipeline stage of a data-parallel replica reads the same rows
-    loader = PackedLoader(open_split(data_dir, "train", vocab), vocab, cfg.max_seq_len, mb,
-                          groups.dp_rank, topo.dp, seed=args.seed)
+    if len(sources) == 1:
+        loader = PackedLoader(open_split(data_dir, "train", vocab), vocab, cfg.max_seq_len, mb,
+                              groups.dp_rank, topo.dp, seed=args.seed)
+    else:  # each source's plans through a PackedLoader of its own; the blend deals the rows out
+        loader = BlendedLoader([PackedLoader(open_split(s.path, "train", vocab), vocab, cfg.max_seq_len, 1,
+                                             seed=args.seed) for s in sources],
+                               [s.name for s in sources], [s.weight for s in sources], mb, groups.dp_rank, topo.dp)
     val = None
     if args.eval_interval:
-        val = validation_batches(open_split(data_dir, "val", vocab), vocab, cfg.max_seq_len, mb,
-                                 groups.dp_rank, topo.dp, args.eval_batches)
+        val = {s.name: validation_batches(open_split(s.path, "val", vocab), vocab, cfg.max_seq_len, mb,
+                                          groups.dp_rank, topo.dp, args.eval_batches) for s in sources}
+        val = val if len(sources) > 1 else val[sources[0].name]
     init_state = load_init_state(args.init_from, cfg) if args.init_from and not args.resume else None
     trainer = build_trainer(cfg, ds_cfg, groups, device, args.seed, args.sequence_parallel, lr_lambda(args),
                             guard=bad_steps.BadStepGuard.from_env(args.max_bad_steps, rank), init_state=init_state,
                             compile=args.compile)
     del init_state
     run = Run(args=args, cfg=cfg, ds_cfg=ds_cfg, trainer=trainer, loader=loader, val=val,
-              data_dir=data_dir, rank=rank)
+              data_dir=data_dir, rank=rank, sources=sources)
     if rank == 0:
         print(describe(cfg, ds_cfg, topo, args), flush=True)
-        print(f"data: {data_dir} ({sum(len(s) for s in loader.shards):,} train documents, "
-              f"{loader.steps_per_epoch() // trainer.gas:,} steps per epoch)", flush=True)
+        if run.blended:
+            for s, src in zip(sources, loader.sources):
+                print(f"data: {s.weight:g} x {s.path} as {s.name} ({sum(len(r) for r in src.shards):,} train "
+                      f"documents, {src.n_rows:,} rows per epoch)", flush=True)
+        else:
+            print(f"data: {data_dir} ({sum(len(s) for s in loader.shards):,} train documents, "
+                  f"{loader.steps_per_epoch() // trainer.gas:,} steps per epoch)", flush=True)
     if tag is not None:
         client = checkpoint.resume(trainer.engine, args.save_dir, rank, tag)
         run.step = int(client["step"])
@@ -225,7 +261,9 @@ def run(args: TrainArgs, hooks: Hooks = Hooks()) -> list[dict]:
     cfg, ds_cfg = load_configs(args)
     if args.dry_run:
         if args.data is not None:
-            cfg = with_data_vocab(cfg, Path(args.data))
+            sources = resolve_data(args, 0, hooks)
+            check_shared_vocab(sources, cfg.vocab.pad_multiple)
+            cfg = with_data_vocab(cfg, sources[0].path)
         world = int(os.environ.get("WORLD_SIZE", args.tp * args.pp))
         topo = Topology.for_world(world, args.tp, args.pp)
         check_layout(cfg, ds_cfg, topo, args.sequence_parallel)
@@ -248,15 +286,22 @@ def run(args: TrainArgs, hooks: Hooks = Hooks()) -> list[dict]:
     stop = StopRequest.install()  # from here SIGTERM/SIGUSR1 -> all ranks save after the same step
     while r.step < args.max_steps:
         t0 = time.perf_counter()
-        rec = trainer.train_step([r.loader.next_batch() for _ in range(trainer.gas)], r.step + 1)
+        batches, row_sources = [], []
+        for _ in range(trainer.gas):
+            batches.append(r.loader.next_batch())
+            row_sources.append(getattr(r.loader, "last_sources", None))
+        rec = trainer.train_step(batches, r.step + 1)
         r.step += 1
         dt = time.perf_counter() - t0
         rec = {"step": r.step, **rec, "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+        if r.blended:
+            counts = source_token_counts(trainer, batches, row_sources, len(r.sources))
+            rec.update({f"tokens_{s.name}": int(n) for s, n in zip(r.sources, counts)})
         if peak:
             rec["mfu"] = flops_tok * tokens_per_step / dt / (peak * r.topo.world_size)
             rec["mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
         if validator.should_validate(r.step):
-            rec.update(trainer.evaluate(validator.batches))
+            rec.update(validate(r, trainer, validator.batches))
         if rank == 0:
             logger.record(rec)
         trainer.guard.stop_if_exhausted()  # every rank saw the same skips
@@ -280,6 +325,17 @@ def run(args: TrainArgs, hooks: Hooks = Hooks()) -> list[dict]:
     if final_eval and rank == 0 and has_latest(save_dir) and hooks.final_eval is not None:
         final_report(save_dir, hooks.final_eval)
     return logger.records
+
+
+def validate(r: Run, trainer: Trainer, batches) -> dict:
+    """val_loss* of the validation batches; a blend's val_loss_<name> per source, and
+    val_loss their mean weighted by the blend's weights."""
+    if not r.blended:
+        return trainer.evaluate(batches)
+    per = {s.name: trainer.evaluate(batches[s.name])["val_loss"] for s in r.sources}
+    total = sum(s.weight for s in r.sources)
+    return {"val_loss": sum(s.weight * per[s.name] for s in r.sources) / total,
+            **{f"val_loss_{name}": loss for name, loss in per.items()}}
 
 
 class FinalEvalError(RuntimeError):

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from megamm.config import ConfigError, VocabConfig, get_preset
-from megamm.data.blend import BlendedLoader, blend_index, check_shared_vocab, parse_blend, resolve_sources
+from megamm.data.blend import (
+    BlendedLoader,
+    blend_index,
+    check_shared_vocab,
+    parse_blend,
+    resolve_sources,
+)
 from megamm.data.loader import DataError, PackedLoader, open_split
 from megamm.data.synthetic import write_synthetic_dataset
 from megamm.vocab import Vocab
@@ -97,7 +103,7 @@ def test_a_resharded_resume_continues_the_same_global_stream(dirs):
 
 def test_last_sources_names_each_rows_source(dirs):
     loader = blended(dirs, [0.5, 0.5], mb=4)
-    x, _ = loader.next_batch()
+    loader.next_batch()
     src, _ = loader.draws(0, 4)
     assert loader.last_sources.tolist() == src.tolist()
 
