@@ -150,3 +150,16 @@ def test_the_index_is_cached_and_rebuilt_when_a_source_changes_or_is_damaged(tmp
     write_synthetic_dataset(b, VOCAB.cfg, n_train=31, n_val=4, seed=3)  # the source changes
     rows(blended([a, b], [0.5, 0.5], mb=2), 1)
     assert len(sorted((a / ".cache").glob("blend-*.json"))) == 2
+
+
+def test_one_directory_is_no_blend(dirs):
+    """--data DIR stays a plain path (the loop then builds today's PackedLoader), and a
+    PackedLoader refuses a blend's saved position."""
+    from megamm.train.args import parse
+
+    assert parse(["--data", str(dirs[0])]).data == str(dirs[0])
+    assert parse(["--data", "0.7", "A", "0.3", "B"]).data == ("0.7", "A", "0.3", "B")
+    state = blended(dirs, [0.5, 0.5]).state_dict()
+    single = PackedLoader(open_split(dirs[0], "train", VOCAB), VOCAB, SEQ, 1)
+    with pytest.raises(DataError, match="trained on a blend of a, b"):
+        single.load_state_dict(state)
