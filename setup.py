@@ -38,6 +38,8 @@ setup(
         "soxr>=0.3",
         "matplotlib>=3.6",
         "transformers>=5.0",  # pretrained image/audio tokenizers, HF export, megamm.hf_generation
+        "webdataset>=0.2",  # tools/prepare_data.py --webdataset (megamm/data/sources.py)
+        "datasets>=2.19",  # tools/prepare_data.py --hf-dataset
     ],
     extras_require={
         "dev": ["pytest>=8", "mpi4py>=3.1"],
