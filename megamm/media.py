@@ -6,6 +6,8 @@ Images are uint8 `[H, W, 3]` RGB arrays everywhere; audio is float32 mono `[T]`.
     read_image(path)                   any image Pillow reads, or .npy -> uint8 [H, W, 3]
     read_image_sized(path, size)       the same, centre-cropped to a square and resized to
                                        size x size (+ a note when it had to be upsampled)
+    decode_image(bytes, name)          read_image for the bytes of a file (a tar member, ...)
+    fit_square(image, name, size)      read_image_sized's crop and resize of an array
     write_png(path, image)             uint8 RGB or grayscale -> 8-bit PNG, atomically
     read_audio(path, sample_rate)      any audio soundfile reads -> float32 mono [T] at
                                        sample_rate (+ a note when it was resampled);
@@ -104,19 +106,29 @@ def read_image_sized(path: str | os.PathLike, size: int, min_side: int = 1) -> t
     upsampled, else None). A size x size image comes back untouched. An image whose short
     side is below `min_side` (an image tokenizer's code grid) is a MediaError."""
     path = Path(path)
-    image = _decode(path, draft=size)
+    return fit_square(_decode(path, draft=size), str(path), size, min_side)
+
+
+def fit_square(image: np.ndarray, name: str, size: int, min_side: int = 1) -> tuple[np.ndarray, str | None]:
+    """uint8 `[H, W, 3]` -> read_image_sized's (image, note) for it; `name` for messages."""
     h, w = image.shape[:2]
     if min(h, w) < min_side:
-        raise MediaError(f"image {str(path)!r} is {w}x{h}, smaller than the image tokenizer's {min_side}x{min_side} "
+        raise MediaError(f"image {name!r} is {w}x{h}, smaller than the image tokenizer's {min_side}x{min_side} "
                          f"code grid: give images at least {size} pixels on their short side, or leave it out")
     if (h, w) == (size, size):
         return image, None
     fitted = ImageOps.fit(Image.fromarray(image), (size, size), method=RESIZE_FILTER)
     note = None
     if min(h, w) < size:
-        note = (f"upsampled image {str(path)!r} from {w}x{h} to {size}x{size}: smaller than the image "
+        note = (f"upsampled image {name!r} from {w}x{h} to {size}x{size}: smaller than the image "
                 f"tokenizer's input; give images at least {size} pixels on their short side")
     return np.asarray(fitted, np.uint8).copy(), note
+
+
+def decode_image(data: bytes, name: str, draft: int | None = None) -> np.ndarray:
+    """The bytes of an image file (a tar member, a dataset cell) -> uint8 `[H, W, 3]`, as
+    read_image reads files; `name` for messages. Raises MediaError."""
+    return _open(io.BytesIO(data), name, draft)
 
 
 def _decode(path: Path, draft: int | None = None) -> np.ndarray:
@@ -130,8 +142,13 @@ def _decode(path: Path, draft: int | None = None) -> np.ndarray:
         except Exception as e:  # noqa: BLE001 - any decoding failure is an unreadable file
             raise MediaError(f"unreadable image {name!r} ({type(e).__name__}): {_IMAGE_FIX}") from None
         return as_rgb(arr, name)
+    return _open(path, name, draft)
+
+
+def _open(fp, name: str, draft: int | None) -> np.ndarray:
+    """A path or file object Pillow opens -> uint8 `[H, W, 3]`, upright, alpha on white."""
     try:
-        with Image.open(path) as im:
+        with Image.open(fp) as im:
             im.seek(0)  # an animation's first frame
             if draft and im.format == "JPEG":
                 im.draft("RGB", (2 * draft, 2 * draft))

@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import soxr
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megamm import media
 from megamm.media import MediaError
@@ -87,38 +86,8 @@ def read_image_sized(ref, base: Path, size: int, min_side: int = 1) -> tuple[np.
     megamm.media.read_image_sized does for files; raises MediaError."""
     if isinstance(ref, str):
         return media.read_image_sized(base / ref, size, min_side)
-    name = ref.name
-    try:
-        with Image.open(io.BytesIO(ref.data)) as im:
-            im.seek(0)  # an animation's first frame
-            if im.format == "JPEG":
-                im.draft("RGB", (2 * size, 2 * size))
-            upright = ImageOps.exif_transpose(im)
-        image = media.as_rgb(media._pixels(upright), name)
-    except MediaError:
-        raise
-    except UnidentifiedImageError:
-        raise MediaError(f"unreadable image {name!r} (not an image format Pillow knows): {media._IMAGE_FIX}") from None
-    except Image.DecompressionBombError as e:
-        raise MediaError(f"unsupported image {name!r} ({media._one_line(e)}): shrink it first") from None
-    except Exception as e:  # noqa: BLE001 - truncated or corrupt data, bad EXIF, odd modes
-        raise MediaError(f"unreadable image {name!r} ({media._one_line(e)}): {media._IMAGE_FIX}") from None
-    return _fit_square(image, name, size, min_side)
-
-
-def _fit_square(image: np.ndarray, name: str, size: int, min_side: int) -> tuple[np.ndarray, str | None]:
-    h, w = image.shape[:2]
-    if min(h, w) < min_side:
-        raise MediaError(f"image {name!r} is {w}x{h}, smaller than the image tokenizer's {min_side}x{min_side} "
-                         f"code grid: give images at least {size} pixels on their short side, or leave it out")
-    if (h, w) == (size, size):
-        return image, None
-    fitted = ImageOps.fit(Image.fromarray(image), (size, size), method=media.RESIZE_FILTER)
-    note = None
-    if min(h, w) < size:
-        note = (f"upsampled image {name!r} from {w}x{h} to {size}x{size}: smaller than the image "
-                f"tokenizer's input; give images at least {size} pixels on their short side")
-    return np.asarray(fitted, np.uint8).copy(), note
+    image = media.decode_image(ref.data, ref.name, draft=size)
+    return media.fit_square(image, ref.name, size, min_side)
 
 
 def read_audio(ref, base: Path, sample_rate: int) -> tuple[np.ndarray, str | None]:
