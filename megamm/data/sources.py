@@ -147,7 +147,7 @@ class WebDatasetSource:
     unit = "sample"
 
     def __init__(self, pattern: str):
-        from webdataset.shardlists import expand_urls
+        from webdataset.shardlists import expand_urls  # deferred: only --webdataset runs import it
 
         self.name = pattern
         self.base = Path(".")
@@ -161,7 +161,7 @@ class WebDatasetSource:
                               + (f" (and {len(missing) - 1} more of {len(self.urls)})" if len(missing) > 1 else ""))
 
     def records(self) -> Iterator[Record]:
-        import webdataset
+        import webdataset  # deferred, as in __init__
 
         samples = webdataset.WebDataset(self.urls, shardshuffle=False, empty_check=False)
         for key, sample in enumerate(samples, start=1):
@@ -211,7 +211,7 @@ class HFDatasetSource:
     unit = "row"
 
     def __init__(self, path: str | Path, columns: dict[str, str | None] | None = None):
-        import datasets
+        import datasets  # deferred: a 1-2 s import only --hf-dataset runs pay
 
         self.name = str(path)
         path = Path(path)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soxr
 import torch
 
 from megamm.checkpoint import CheckpointError, load_model, read_meta, tokenizers_dir, verified_checkpoint_dir
@@ -44,7 +45,7 @@ from megamm.eval.curve import training_curve
 from megamm.eval.generation import generate_batched
 from megamm.eval.losses import test_losses
 from megamm.generate import MultimodalGenerator, Sampling, load_generator, tokenizers_fit
-from megamm.media import write_png, write_wav
+from megamm.media import RESAMPLE_QUALITY, write_png, write_wav
 from megamm.tokenizers import Tokenizers
 
 
@@ -83,10 +84,6 @@ JUDGE_RATE = 16000
 def _resampled(wave: np.ndarray, rate: int, to: int) -> np.ndarray:
     if rate == to or len(wave) == 0:
         return wave
-    import soxr
-
-    from megamm.media import RESAMPLE_QUALITY
-
     return soxr.resample(np.asarray(wave, np.float32), rate, to, quality=RESAMPLE_QUALITY).astype(np.float32)
 
 

@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import numpy as np
+import soxr
 import torch
 import torch.nn.functional as F
 
 from megamm.generate import MultimodalGenerator
+from megamm.media import RESAMPLE_QUALITY
 from megamm.vocab import MODALITY_NAMES
 
 
@@ -28,10 +30,6 @@ def test_losses(gen: MultimodalGenerator, data, batch: int = 16, sample_rate: in
     v, model = gen.vocab, gen.model
     rate = gen.tok.audio.sample_rate
     if rate != sample_rate:
-        import soxr
-
-        from megamm.media import RESAMPLE_QUALITY
-
         audio = [soxr.resample(np.asarray(a, np.float32), sample_rate, rate, quality=RESAMPLE_QUALITY) for a in data.audio]
     else:
         audio = data.audio

@@ -21,6 +21,7 @@ cached by megamm.demo.recipe (`load_default`).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -110,8 +111,6 @@ def compose(out: str | Path, base: str | Path, text: str | Path | None = None, i
     (or hub id) of a class in megamm.tokenizers.pretrained, with its settings. Written
     beside `out` and renamed into place, so a failure leaves `out` as it was. Raises
     PretrainedTokenizerError / FileNotFoundError / ValueError with one-line messages."""
-    import shutil
-
     out, base = Path(out), Path(base)
     if image is None and image_size is not None:
         raise PretrainedTokenizerError("--image-size is a setting of a pretrained image tokenizer: give "

@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
+from megamm.media import RESIZE_FILTER
 from megamm.tokenizers.io import read_info, write_info
 
 IMAGE_CLASSES = ("Emu3VQVAE", "JanusVQVAE", "ChameleonVQVAE")
@@ -88,7 +90,7 @@ def hf_class_of(path: str | Path) -> str:
 
 
 def _load_model(class_name: str, path: str | Path, device: torch.device):
-    import transformers
+    import transformers  # deferred: a 2-3 s import that runs with megamm's own tokenizers never pay
 
     transformers.utils.logging.disable_progress_bar()  # no per-load "Loading weights" bar on stderr
     cls = getattr(transformers, class_name, None)
@@ -105,7 +107,7 @@ def _load_model(class_name: str, path: str | Path, device: torch.device):
 
 
 def _save_model(model, directory: Path, source: Path | None) -> None:
-    import transformers
+    import transformers  # deferred, as in _load_model
 
     transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar on stderr
     out = directory / MODEL_DIR
@@ -166,10 +168,6 @@ class HFImageTokenizer:
             raise ValueError(f"images must be uint8 [B, H, W, 3], got shape {list(images.shape)}")
         s = self.image_size
         if images.shape[1:3] != (s, s):
-            from PIL import Image, ImageOps
-
-            from megamm.media import RESIZE_FILTER
-
             images = np.stack([np.asarray(ImageOps.fit(Image.fromarray(np.asarray(im, np.uint8)), (s, s),
                                                        method=RESIZE_FILTER)) for im in images])
         x = torch.from_numpy(np.array(images, np.uint8)).permute(0, 3, 1, 2).float() / 255.0  # a copy: may be read-only
@@ -272,7 +270,7 @@ def _default_image_size(name: str, cfg, pre: dict) -> int:
 
 
 def _hub_class(repo_id: str) -> str:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred, as in _load_model
 
     try:
         cfg = AutoConfig.from_pretrained(repo_id)
