@@ -130,9 +130,11 @@ def test_env_var_selects_the_cache(quick_cache, quick_data_dir, monkeypatch):
 def test_rebuild_is_byte_identical(quick_data_dir, quick_tokenizers_dir, tmp_path):
     out = tmp_path / "again"
     build_default_dataset(out, quick_tokenizers_dir, DefaultDatasetRecipe.quick(), progress=False)
-    for f in sorted(quick_data_dir.iterdir()):
-        if f.name != "meta.json":
-            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    shards = [f for f in sorted(quick_data_dir.iterdir()) if f.suffix in (".bin", ".idx")]
+    assert shards  # .cache/ (the loader's plans and stamps, once a run opened it) is no part of the build
+    assert sorted(f.name for f in out.iterdir() if f.suffix in (".bin", ".idx")) == [f.name for f in shards]
+    for f in shards:
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
     meta_a = json.loads((quick_data_dir / "meta.json").read_text())
     meta_b = json.loads((out / "meta.json").read_text())
     meta_a.pop("tokenizers"), meta_b.pop("tokenizers")  # relative to a different folder
