@@ -12,6 +12,9 @@ Images are uint8 `[H, W, 3]` RGB arrays everywhere; audio is float32 mono `[T]`.
     read_audio(path, sample_rate)      any audio soundfile reads -> float32 mono [T] at
                                        sample_rate (+ a note when it was resampled);
                                        read_wav is the same function
+    decode_audio(bytes, name, rate)    read_audio for the bytes of a file
+    fit_rate(mono, rate, to, name)     read_audio's resampling (+ note) of an array
+    resample(wave, rate, to)           soxr at RESAMPLE_QUALITY
     write_wav(path, audio, rate)       float [T] in [-1, 1] -> 16-bit mono PCM .wav, atomically
     as_rgb(array, name)                what an image array may hold -> uint8 [H, W, 3]
 
@@ -199,22 +202,44 @@ def read_audio(path: str | os.PathLike, sample_rate: int) -> tuple[np.ndarray, s
     `sample_rate`, a note when it was resampled from another rate, else None).
     Channels are averaged; PCM samples are scaled to [-1, 1) (int16 / 32768, ...)."""
     path = Path(path)
-    name = str(path)
     if not path.is_file():
-        raise MediaError(f"missing audio file {name!r}")
+        raise MediaError(f"missing audio file {str(path)!r}")
+    return _read_audio(str(path), str(path), sample_rate)
+
+
+def decode_audio(data: bytes, name: str, sample_rate: int) -> tuple[np.ndarray, str | None]:
+    """The bytes of an audio file (a tar member, a dataset cell) -> read_audio's
+    (clip, note); `name` for messages. Raises MediaError."""
+    return _read_audio(io.BytesIO(data), name, sample_rate)
+
+
+def _read_audio(fp, name: str, sample_rate: int) -> tuple[np.ndarray, str | None]:
     try:
-        pcm, rate = soundfile.read(name, dtype="float32", always_2d=True)
+        pcm, rate = soundfile.read(fp, dtype="float32", always_2d=True)
     except soundfile.LibsndfileError as e:
         raise MediaError(f"unreadable audio {name!r} ({e.error_string.strip()}): {_AUDIO_FIX}") from None
     except Exception as e:  # noqa: BLE001 - soundfile's other failures on corrupt files
         raise MediaError(f"unreadable audio {name!r} ({_one_line(e)}): {_AUDIO_FIX}") from None
-    if pcm.size == 0:
+    return fit_rate(pcm.mean(axis=1, dtype=np.float32), rate, sample_rate, name)
+
+
+def fit_rate(mono: np.ndarray, rate: int, sample_rate: int, name: str) -> tuple[np.ndarray, str | None]:
+    """A mono clip at `rate` -> (float32 `[T]` at `sample_rate`, a note when it was
+    resampled, else None); an empty clip is a MediaError naming `name`."""
+    if mono.size == 0:
         raise MediaError(f"empty audio {name!r}: it holds no samples; leave it out")
-    mono = np.ascontiguousarray(pcm.mean(axis=1, dtype=np.float32))
+    mono = np.ascontiguousarray(mono, np.float32)
     if rate != sample_rate:
-        out = soxr.resample(mono, rate, sample_rate, quality=RESAMPLE_QUALITY).astype(np.float32)
-        return out, f"resampled audio {name!r} from {rate} Hz to {sample_rate} Hz"
+        return resample(mono, rate, sample_rate), f"resampled audio {name!r} from {rate} Hz to {sample_rate} Hz"
     return mono, None
+
+
+def resample(wave: np.ndarray, rate: int, to: int) -> np.ndarray:
+    """float `[T]` at `rate` -> float32 `[T']` at `to` (soxr, RESAMPLE_QUALITY); the
+    same array when the rates agree or it is empty."""
+    if rate == to or len(wave) == 0:
+        return wave
+    return soxr.resample(np.asarray(wave, np.float32), rate, to, quality=RESAMPLE_QUALITY).astype(np.float32)
 
 
 read_wav = read_audio

@@ -20,8 +20,8 @@ audio and its rate). Records travel to worker processes, so they hold only such 
 
 Decoding follows megamm.media's policies for files (EXIF orientation, transparency on
 white, the centred square resized with its Lanczos filter, upsampling and resampling
-reported, soxr at its quality) and reuses its helpers; media.py reads paths only, so the
-few lines that open a file object live here.
+reported, soxr at its quality) through its byte entry points (decode_image, fit_square,
+decode_audio, fit_rate).
 
 Interleaved documents (OBELICS / MMC4 style) keep their segments in order; one longer
 than a row (`seq_len` tokens) is cut between segments into several documents
@@ -30,15 +30,12 @@ than a row (`seq_len` tokens) is cut between segments into several documents
 from __future__ import annotations
 
 import glob
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile
-import soxr
 
 from megamm import media
 from megamm.media import MediaError
@@ -95,28 +92,14 @@ def read_audio(ref, base: Path, sample_rate: int) -> tuple[np.ndarray, str | Non
     megamm.media.read_audio does for files; raises MediaError."""
     if isinstance(ref, str):
         return media.read_audio(base / ref, sample_rate)
-    name = ref.name
-    if isinstance(ref, Samples):
-        pcm, rate = np.asarray(ref.array, np.float32), int(ref.rate)
-        if pcm.ndim not in (1, 2) or not np.isfinite(pcm).all():
-            raise MediaError(f"audio {name!r} has shape {list(pcm.shape)} or non-finite samples; "
-                             f"expected finite [T] or [channels, T]")
-        mono = pcm if pcm.ndim == 1 else pcm.mean(axis=0, dtype=np.float32)
-    else:
-        try:
-            pcm, rate = soundfile.read(io.BytesIO(ref.data), dtype="float32", always_2d=True)
-        except soundfile.LibsndfileError as e:
-            raise MediaError(f"unreadable audio {name!r} ({e.error_string.strip()}): {media._AUDIO_FIX}") from None
-        except Exception as e:  # noqa: BLE001 - soundfile's other failures on corrupt data
-            raise MediaError(f"unreadable audio {name!r} ({media._one_line(e)}): {media._AUDIO_FIX}") from None
-        mono = pcm.mean(axis=1, dtype=np.float32)
-    if mono.size == 0:
-        raise MediaError(f"empty audio {name!r}: it holds no samples; leave it out")
-    mono = np.ascontiguousarray(mono, np.float32)
-    if rate != sample_rate:
-        out = soxr.resample(mono, rate, sample_rate, quality=media.RESAMPLE_QUALITY).astype(np.float32)
-        return out, f"resampled audio {name!r} from {rate} Hz to {sample_rate} Hz"
-    return mono, None
+    if not isinstance(ref, Samples):
+        return media.decode_audio(ref.data, ref.name, sample_rate)
+    pcm = np.asarray(ref.array, np.float32)
+    if pcm.ndim not in (1, 2) or not np.isfinite(pcm).all():
+        raise MediaError(f"audio {ref.name!r} has shape {list(pcm.shape)} or non-finite samples; "
+                         f"expected finite [T] or [channels, T]")
+    mono = pcm if pcm.ndim == 1 else pcm.mean(axis=0, dtype=np.float32)
+    return media.fit_rate(mono, int(ref.rate), sample_rate, ref.name)
 
 
 # ---- interleaved documents ---------------------------------------------------------------

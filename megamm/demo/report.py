@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soxr
 import torch
 
 from megamm.checkpoint import CheckpointError, load_model, read_meta, tokenizers_dir, verified_checkpoint_dir
@@ -45,7 +44,7 @@ from megamm.eval.curve import training_curve
 from megamm.eval.generation import generate_batched
 from megamm.eval.losses import test_losses
 from megamm.generate import MultimodalGenerator, Sampling, load_generator, tokenizers_fit
-from megamm.media import RESAMPLE_QUALITY, write_png, write_wav
+from megamm.media import resample, write_png, write_wav
 from megamm.tokenizers import Tokenizers
 
 
@@ -81,12 +80,6 @@ JUDGE_RATE = 16000
 """The embedded clips' and the audio judge's sample rate."""
 
 
-def _resampled(wave: np.ndarray, rate: int, to: int) -> np.ndarray:
-    if rate == to or len(wave) == 0:
-        return wave
-    return soxr.resample(np.asarray(wave, np.float32), rate, to, quality=RESAMPLE_QUALITY).astype(np.float32)
-
-
 def generation_scores(gen: MultimodalGenerator, data: DigitsData, judges, settings: EvalSettings) -> tuple[dict, dict]:
     """-> (scores, samples) for the four directions on `data`."""
     image_judge, audio_judge = judges
@@ -108,13 +101,13 @@ def generation_scores(gen: MultimodalGenerator, data: DigitsData, judges, settin
     samples["image_to_text"] = texts
 
     rate = gen.tok.audio.sample_rate  # a pretrained codec may run at another rate than the 16 kHz data
-    texts = generate_batched(gen, [[("audio", _resampled(a, JUDGE_RATE, rate))] for a in data.audio], "text",
+    texts = generate_batched(gen, [[("audio", resample(a, JUDGE_RATE, rate))] for a in data.audio], "text",
                              settings.text_sampling, settings.batch)
     scores["audio_to_text_exact"] = float(np.mean([t.strip() == c for t, c in zip(texts, caps)]))
     samples["audio_to_text"] = texts
 
     clips = generate_batched(gen, [[("text", c)] for c in caps], "audio", settings.audio_sampling, settings.batch)
-    heard = audio_judge.transcribe([_resampled(c, rate, JUDGE_RATE) for c in clips])
+    heard = audio_judge.transcribe([resample(c, rate, JUDGE_RATE) for c in clips])
     scores["text_to_audio_word_acc"] = float(np.mean([word_accuracy(c, h) for c, h in zip(caps, heard)]))
     samples["text_to_audio"] = (clips, heard)
     return scores, samples

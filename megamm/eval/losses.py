@@ -11,13 +11,11 @@
 """
 from __future__ import annotations
 
-import numpy as np
-import soxr
 import torch
 import torch.nn.functional as F
 
 from megamm.generate import MultimodalGenerator
-from megamm.media import RESAMPLE_QUALITY
+from megamm.media import resample
 from megamm.vocab import MODALITY_NAMES
 
 
@@ -29,10 +27,7 @@ def test_losses(gen: MultimodalGenerator, data, batch: int = 16, sample_rate: in
     documents longer than the model's context are cut to it."""
     v, model = gen.vocab, gen.model
     rate = gen.tok.audio.sample_rate
-    if rate != sample_rate:
-        audio = [soxr.resample(np.asarray(a, np.float32), sample_rate, rate, quality=RESAMPLE_QUALITY) for a in data.audio]
-    else:
-        audio = data.audio
+    audio = [resample(a, sample_rate, rate) for a in data.audio]
     segs = [(gen.segment_ids("text", c), gen.segment_ids("image", im), gen.segment_ids("audio", a))
             for c, im, a in zip(data.captions, data.images, audio)]
     docs = {"text_image": [], "image_text": [], "text_audio": [], "audio_text": []}
