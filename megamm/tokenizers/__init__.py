@@ -46,22 +46,25 @@ def kind_of(directory: str | Path) -> str | None:
         return None
 
 
+def _load_kind(directory: str | Path, kinds: dict, what: str, device):
+    """The tokenizer class `kinds` maps the folder's recorded kind to (its first kind,
+    megamm's own, for a folder that records none), loaded; pretrained ones on `device`."""
+    own = next(iter(kinds))
+    kind = kind_of(directory) or own
+    if kind not in kinds:
+        raise ValueError(f"{Path(directory) / INFO_FILE}: kind {kind!r} is not an {what} tokenizer "
+                         f"({', '.join(kinds)})")
+    return kinds[kind].load(directory) if kind == own else kinds[kind].load(directory, device)
+
+
 def load_image_tokenizer(directory: str | Path, device="auto"):
     """ImageTokenizer or HFImageTokenizer, as the folder records."""
-    kind = kind_of(directory) or "image"
-    if kind not in IMAGE_KINDS:
-        raise ValueError(f"{Path(directory) / INFO_FILE}: kind {kind!r} is not an image tokenizer "
-                         f"({', '.join(IMAGE_KINDS)})")
-    return IMAGE_KINDS[kind].load(directory) if kind == "image" else HFImageTokenizer.load(directory, device)
+    return _load_kind(directory, IMAGE_KINDS, "image", device)
 
 
 def load_audio_tokenizer(directory: str | Path, device="auto"):
     """AudioTokenizer or HFAudioTokenizer, as the folder records."""
-    kind = kind_of(directory) or "audio"
-    if kind not in AUDIO_KINDS:
-        raise ValueError(f"{Path(directory) / INFO_FILE}: kind {kind!r} is not an audio tokenizer "
-                         f"({', '.join(AUDIO_KINDS)})")
-    return AUDIO_KINDS[kind].load(directory) if kind == "audio" else HFAudioTokenizer.load(directory, device)
+    return _load_kind(directory, AUDIO_KINDS, "audio", device)
 
 
 class Tokenizers(NamedTuple):
@@ -122,20 +125,21 @@ def compose(out: str | Path, base: str | Path, text: str | Path | None = None, i
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
-        if text is not None:
-            TextTokenizer.load(text).save(stage / "text")
-        else:
-            shutil.copytree(base / "text", stage / "text")
-        if image is not None:
-            HFImageTokenizer.from_pretrained(image, image_size=image_size, device="cpu").save(stage / "image")
-        else:
-            shutil.copytree(base / "image", stage / "image")
-        if audio is not None:
-            HFAudioTokenizer.from_pretrained(audio, bandwidth=audio_bandwidth, n_codebooks=audio_codebooks,
-                                             device="cpu").save(stage / "audio")
-        else:
-            shutil.copytree(base / "audio", stage / "audio")
-        Tokenizers.load(stage).vocab_config()  # every part loads, and the vocabulary fits
+        parts = {
+            "text": TextTokenizer.load(text) if text is not None else None,
+            "image": (HFImageTokenizer.from_pretrained(image, image_size=image_size, device="cpu")
+                      if image is not None else None),
+            "audio": (HFAudioTokenizer.from_pretrained(audio, bandwidth=audio_bandwidth, n_codebooks=audio_codebooks,
+                                                       device="cpu") if audio is not None else None),
+        }
+        loaders = {"text": TextTokenizer.load, "image": load_image_tokenizer, "audio": load_audio_tokenizer}
+        for name, tok in parts.items():
+            if tok is None:  # from base: copied, and loaded once to check it
+                shutil.copytree(base / name, stage / name)
+                parts[name] = loaders[name](stage / name)
+            else:
+                tok.save(stage / name)
+        Tokenizers(**parts).vocab_config()  # the vocabulary fits
         if out.exists():
             shutil.rmtree(out)
         stage.rename(out)

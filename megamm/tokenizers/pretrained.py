@@ -67,16 +67,25 @@ def _device(device: str | torch.device) -> torch.device:
 
 def hf_class_of(path: str | Path) -> str:
     """The transformers class an HF folder's config.json names (by `architectures`, else
-    by `model_type`); raises PretrainedTokenizerError naming the folder when it is none of
-    IMAGE_CLASSES + AUDIO_CLASSES."""
+    by `model_type`), or a hub id's config when `path` is no local folder; raises
+    PretrainedTokenizerError naming it when it is none of IMAGE_CLASSES + AUDIO_CLASSES."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise PretrainedTokenizerError(f"{path}: no config.json (not a Hugging Face model folder)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PretrainedTokenizerError(f"{cfg_file}: unreadable ({e})") from None
+    if path.exists():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise PretrainedTokenizerError(f"{path}: no config.json (not a Hugging Face model folder)")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PretrainedTokenizerError(f"{cfg_file}: unreadable ({e})") from None
+    else:
+        from transformers import AutoConfig  # deferred, as in _load_model
+
+        try:
+            cfg = AutoConfig.from_pretrained(str(path)).to_dict()
+        except (OSError, ValueError) as e:
+            raise PretrainedTokenizerError(f"{path}: not a local folder, and not loadable from the hub "
+                                           f"({str(e).splitlines()[0]})") from None
     names = [a for a in (cfg.get("architectures") or []) if a in IMAGE_CLASSES + AUDIO_CLASSES]
     if names:
         return names[0]
@@ -210,13 +219,12 @@ class HFImageTokenizer:
     def from_pretrained(cls, path: str | Path, image_size: int | None = None, device="auto") -> "HFImageTokenizer":
         """From an HF folder (or hub id) holding one of IMAGE_CLASSES. `image_size`
         default: the preprocessor's size, else the model's own resolution."""
-        local = Path(path)
-        name = hf_class_of(local) if local.exists() else _hub_class(str(path))
+        name = hf_class_of(path)
         if name not in IMAGE_CLASSES:
             raise PretrainedTokenizerError(f"{path}: {name} is an audio model, not an image tokenizer "
                                            f"({', '.join(IMAGE_CLASSES)})")
         model = _load_model(name, path, _device(device))
-        pre = _preprocessor(local)
+        pre = _preprocessor(Path(path))
         if image_size is None:
             image_size = _default_image_size(name, model.config, pre)
         return cls(model, name, image_size, pre.get("image_mean", (0.5,) * 3), pre.get("image_std", (0.5,) * 3),
@@ -267,21 +275,6 @@ def _default_image_size(name: str, cfg, pre: dict) -> int:
     if not size:
         raise PretrainedTokenizerError(f"{name}: give the image size (--image-size); the folder does not say it")
     return int(size) // factor * factor
-
-
-def _hub_class(repo_id: str) -> str:
-    from transformers import AutoConfig  # deferred, as in _load_model
-
-    try:
-        cfg = AutoConfig.from_pretrained(repo_id)
-    except (OSError, ValueError) as e:
-        raise PretrainedTokenizerError(f"{repo_id}: not a local folder, and not loadable from the hub "
-                                       f"({str(e).splitlines()[0]})") from None
-    names = [a for a in (getattr(cfg, "architectures", None) or []) if a in IMAGE_CLASSES + AUDIO_CLASSES]
-    name = names[0] if names else _CONFIG_CLASS.get(cfg.model_type)
-    if name is None:
-        raise PretrainedTokenizerError(f"{repo_id}: model_type {cfg.model_type!r} is not a known tokenizer class")
-    return name
 
 
 # ---- audio ------------------------------------------------------------------------------
@@ -411,8 +404,7 @@ class HFAudioTokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path, bandwidth: float | None = None, n_codebooks: int | None = None,
                         device="auto") -> "HFAudioTokenizer":
-        local = Path(path)
-        name = hf_class_of(local) if local.exists() else _hub_class(str(path))
+        name = hf_class_of(path)
         if name not in AUDIO_CLASSES:
             raise PretrainedTokenizerError(f"{path}: {name} is an image model, not an audio codec "
                                            f"({', '.join(AUDIO_CLASSES)})")
