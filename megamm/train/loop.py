@@ -139,6 +139,14 @@ def resolve_data(args: TrainArgs, rank: int, hooks: Hooks) -> list[Source]:
     return [Source(path.name, 1.0, path)]
 
 
+def data_and_vocab(args: TrainArgs, cfg: ModelConfig, rank: int, hooks: Hooks) -> tuple[list[Source], ModelConfig]:
+    """The run's data sources (sharing one vocabulary, else one-line refusal) and `cfg`
+    with the first source's vocabulary."""
+    sources = resolve_data(args, rank, hooks)
+    check_shared_vocab(sources, cfg.vocab.pad_multiple)
+    return sources, with_data_vocab(cfg, sources[0].path)
+
+
 def resolve_data_dir(args: TrainArgs, rank: int, hooks: Hooks) -> Path:
     if args.data is not None:
         return Path(args.data)
@@ -203,10 +211,8 @@ def setup(args: TrainArgs, cfg: ModelConfig, ds_cfg: dict, hooks: Hooks = Hooks(
     rank = dist.get_rank()
     topo = Topology.for_world(dist.get_world_size(), args.tp, args.pp)
     check_layout(cfg, ds_cfg, topo, args.sequence_parallel)
-    sources = resolve_data(args, rank, hooks)
+    sources, cfg = data_and_vocab(args, cfg, rank, hooks)
     data_dir = sources[0].path
-    check_shared_vocab(sources, cfg.vocab.pad_multiple)
-    cfg = with_data_vocab(cfg, data_dir)
     check_layout(cfg, ds_cfg, topo, args.sequence_parallel)  # again: the vocabulary may have grown
     groups = topo.build_groups()
     vocab = Vocab(cfg.vocab)
@@ -261,9 +267,7 @@ def run(args: TrainArgs, hooks: Hooks = Hooks()) -> list[dict]:
     cfg, ds_cfg = load_configs(args)
     if args.dry_run:
         if args.data is not None:
-            sources = resolve_data(args, 0, hooks)
-            check_shared_vocab(sources, cfg.vocab.pad_multiple)
-            cfg = with_data_vocab(cfg, sources[0].path)
+            cfg = data_and_vocab(args, cfg, 0, hooks)[1]
         world = int(os.environ.get("WORLD_SIZE", args.tp * args.pp))
         topo = Topology.for_world(world, args.tp, args.pp)
         check_layout(cfg, ds_cfg, topo, args.sequence_parallel)
