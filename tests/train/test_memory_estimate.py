@@ -8,8 +8,12 @@ getrusage's ru_maxrss: a child inherits the peak of the process that spawned it,
 pytest's, which after the rest of the suite is larger than a tiny run. Nor os.wait4's
 rusage, which would count the compiler DeepSpeed may start to build an op. Each launch is
 shared between the tests that need it.
+
+The estimate's process baseline is measured on the machine at hand (a micro-model run,
+benchmarks/memory_baseline.measure), not taken from the constant calibrated on another:
+file-backed pages alone differ by tens of MB between machines, a tiny run's model items
+are ~30 MB. What is tested is every other item, on top of that baseline.
 """
-import os
 import subprocess
 import sys
 
@@ -22,28 +26,20 @@ from megamm.train import ds_config
 from megamm.parallel.topology import Topology
 from megamm.train.memory import estimate
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import memory_baseline  # noqa: E402  (benchmarks/ is a folder of scripts)
+
 SEQ, STEPS = 32, 2
-# runs launch/train.py and, at exit, writes this process's own peak RSS (bytes) to $MEGAMM_TEST_RSS,
-# then, for a failure message, the anonymous/file/shared split of its RSS at exit and its threads
-RUN_AND_REPORT_RSS = (
-    "import atexit, os, runpy, sys\n"
-    "from megamm.train.memory import peak_rss_bytes\n"
-    "def report():\n"
-    "    keep = ('RssAnon', 'RssFile', 'RssShmem', 'Threads')\n"
-    "    lines = [l for l in open('/proc/self/status') if l.split(':')[0] in keep]\n"
-    "    open(os.environ['MEGAMM_TEST_RSS'], 'w').write(f'{peak_rss_bytes()}\\n' + ''.join(lines))\n"
-    "atexit.register(report)\n"
-    "sys.argv = ['launch/train.py', *sys.argv[1:]]\n"
-    "runpy.run_path('launch/train.py', run_name='__main__')\n")
 MEASURED = [(m, c) for m in ("tiny", "small") for c in ("zero3_offload.json", "zero2.json", "zero1.json")]
 
 
 class Runs:
     """`launch/train.py` runs keyed by (preset, config), each made once:
-    (exit code, log, peak RSS bytes, "RssAnon: .. kB RssFile: .." at exit)."""
+    (peak RSS bytes, "RssAnon: .. kB RssFile: .." at exit), and the process baseline
+    measured once on this machine (benchmarks/memory_baseline.measure)."""
 
     def __init__(self, tmp, tiny_data):
-        self.tmp, self.data, self.done = tmp, {"tiny": tiny_data}, {}
+        self.tmp, self.data, self.done, self._baseline = tmp, {"tiny": tiny_data}, {}, None
 
     def data_for(self, model):
         if model not in self.data:
@@ -53,17 +49,16 @@ class Runs:
 
     def get(self, model, config):
         if (model, config) not in self.done:
-            cmd = [sys.executable, "-c", RUN_AND_REPORT_RSS, "--ds_config", config, "--model", model,
-                   "--data", str(self.data_for(model)), "--seq-len", str(SEQ), "--micro-batch", "1",
-                   "--grad-accum", "1", "--max-steps", str(STEPS), "--no-progress"]
-            log, rss = self.tmp / f"{model}-{config}.log", self.tmp / f"{model}-{config}.rss"
-            env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
-            env["MEGAMM_TEST_RSS"] = str(rss)
-            with open(log, "w") as out:
-                code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-            peak, _, at_exit = (rss.read_text() if rss.exists() else "0").partition("\n")
-            self.done[model, config] = (code, log.read_text(), int(peak), " ".join(at_exit.split()))
+            peak, at_exit, _ = memory_baseline.train_rss(config, model, self.data_for(model), self.tmp,
+                                                         seq_len=SEQ, steps=STEPS)
+            self.done[model, config] = (peak, at_exit)
         return self.done[model, config]
+
+    def baseline(self):
+        if self._baseline is None:
+            self._baseline = memory_baseline.measure("zero3_offload.json", data=self.data["tiny"],
+                                                     workdir=self.tmp)
+        return self._baseline
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +68,12 @@ def runs(tmp_path_factory, tiny_data):
 
 @pytest.mark.parametrize("model,config", MEASURED)
 def test_estimate_is_within_10_percent_of_measured_peak_rss(runs, model, config):
-    code, log, rss, at_exit = runs.get(model, config)
-    assert code == 0, log[-4000:]
+    rss, at_exit = runs.get(model, config)
     ds_cfg = ds_config.apply_overrides(ds_config.load(config), micro_batch=1, grad_accum=1)
     cfg = get_preset(model)
     ckpt = cfg.activation_checkpointing or "activation_checkpointing" in ds_cfg
     est = estimate(cfg, ds_cfg, Topology.for_world(1), micro_batch=1, seq_len=SEQ,
-                   activation_checkpointing=ckpt, accelerator="cpu")
+                   activation_checkpointing=ckpt, accelerator="cpu", baseline=runs.baseline())
     predicted = est.total("gpu") + est.total("host")
     print(f"{model} {config}: predicted {predicted / 1e9:.3f} GB, measured {rss / 1e9:.3f} GB")
     assert predicted == pytest.approx(rss, rel=0.10), f"{model} {config}: predicted {predicted / 1e9:.3f} GB, " \
