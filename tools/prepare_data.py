@@ -10,7 +10,21 @@ meta.json that launch/train.py reads with --data OUT.
         [--caption-dropout P]
         [--text-tokenizer FILE_OR_DIR] [--image-tokenizer HF_DIR [--image-size S]]
         [--audio-tokenizer HF_DIR [--audio-bandwidth KBPS | --audio-codebooks N]]
+        [--shard-size RECORDS] [--num-shards N --shard-index I]
+    python tools/prepare_data.py --merge DIR
     python tools/prepare_data.py --verify DIR
+
+Shards, slices, resuming (megamm/data/slices.py): every --shard-size records of the
+input (default 50000) become one shard pair, train-KKKKK and val-KKKKK, the K-th. A run
+writes the shards k with k % --num-shards == --shard-index (in a SLURM array job: the
+task's index and the array's size), so an array job prepares disjoint slices on many
+nodes (launch/slurm/prepare_data.sbatch); each works in DIR/.prep/ and leaves a
+done-marker per shard and per slice. The slice that finishes last merges: it moves the
+shards into DIR and writes meta.json; `--merge DIR` does it by hand, or names the
+slices still missing. A killed run, started again with the same arguments, keeps its
+finished shards and redoes the one it was writing; other options or a changed input
+are refused until DIR/.prep is removed. The input is streamed (memory does not grow
+with it), and the shards' bytes do not depend on slices, workers or restarts.
 
 --verify checks every shard of DIR against the checksums its .idx records (see
 megamm/data/shards.py): one line per damaged shard, exit status 2 if any is damaged.
@@ -84,10 +98,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megamm.data.documents import (DatasetWriter, DocumentMix, Example, build_document, encode_examples, example_rng,
+from megamm.data.documents import (DocumentMix, Example, build_document, encode_examples, example_rng,
                                    split_of)
 from megamm.data.shards import verify_directory
-from megamm.data import sources
+from megamm.data import slices, sources
 from megamm.data.sources import HFDatasetSource, Record, SourceError, WebDatasetSource, interleaved_documents
 from megamm.demo.recipe import ensure_default_tokenizers
 from megamm.media import MediaError, read_audio, read_image_sized
@@ -102,6 +116,8 @@ does not depend on --workers."""
 MAX_LISTED = 20
 DEFAULT_SEQ_LEN = get_preset("tiny").max_seq_len
 """--seq-len: the row length interleaved documents are cut to fit (the tiny preset's)."""
+DEFAULT_SHARD_SIZE = 50_000
+"""--shard-size: input records per unit, i.e. per train-KKKKK / val-KKKKK shard pair."""
 INTERLEAVED = "interleaved"
 """The template name meta.json counts interleaved documents under."""
 
@@ -141,6 +157,31 @@ class Report:
     cut: list[tuple[str, int]] = field(default_factory=list)
     """(where, parts) of each interleaved document cut to fit --seq-len."""
     seq_len: int = DEFAULT_SEQ_LEN
+    slice: tuple[int, int] = (0, 1)
+    """(shard index, number of shards) of the run that made this report."""
+    written: list[int] = field(default_factory=list)
+    """Units this run encoded and wrote."""
+    kept: list[int] = field(default_factory=list)
+    """This slice's units that an earlier, killed attempt had finished."""
+    merged: bool = False
+    """Whether this run merged the units into the output (meta is then set)."""
+    waiting: str = ""
+    """When not merged: which slices the merge waits for."""
+
+    def to_json(self) -> dict:
+        """A unit's part of a report, as its done-marker keeps it (megamm.data.slices)."""
+        return {"records": self.lines, "examples": self.examples, "interleaved": self.interleaved,
+                "skipped": [[i.line, i.where, i.message] for i in self.skipped],
+                "repaired": [[i.line, i.where, i.message] for i in self.repaired],
+                "cut": [list(c) for c in self.cut]}
+
+    def add_json(self, unit: dict) -> None:
+        """Add a unit's part (to_json) to this report."""
+        self.examples += unit["examples"]
+        self.interleaved += unit["interleaved"]
+        self.skipped += [Issue(line, msg, where=where) for line, where, msg in unit["skipped"]]
+        self.repaired += [Issue(line, msg, True, where) for line, where, msg in unit["repaired"]]
+        self.cut += [tuple(c) for c in unit["cut"]]
 
 
 @dataclass
@@ -156,24 +197,33 @@ class Result:
 
 
 class ManifestSource:
-    """A JSONL manifest, one record per non-empty line (see the module doc)."""
+    """A JSONL manifest, one record per non-empty line (see the module doc), streamed: it
+    is read one line at a time, so memory does not grow with its length."""
 
     unit = "line"
 
     def __init__(self, manifest: Path):
         if not manifest.is_file():
             raise PrepareError(f"manifest not found: {manifest}")
-        try:
-            lines = manifest.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise PrepareError(f"{manifest}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        self.lines = [(line_no, text) for line_no, text in enumerate(lines, start=1) if text.strip()]
-        if not self.lines:
+        self.name, self.base, self.input_files = str(manifest), manifest.resolve().parent, [manifest]
+        self.path = manifest
+        self.total = sum(1 for _ in self._lines())
+        if not self.total:
             raise PrepareError(f"{manifest}: no examples (the manifest is empty)")
-        self.name, self.base, self.total = str(manifest), manifest.resolve().parent, len(self.lines)
+
+    def _lines(self):
+        with open(self.path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise PrepareError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start} "
+                                       f"of line {line_no})") from None
+                if text.strip():
+                    yield line_no, text
 
     def records(self):
-        for line_no, text in self.lines:
+        for line_no, text in self._lines():
             try:
                 yield Record(line_no, f"line {line_no}", parse_line(text, line_no))
             except BadLine as e:
@@ -339,18 +389,32 @@ def encode_chunk(task: tuple[str, list[Record]], toks=None) -> list[Result]:
 # ---- the whole run ----------------------------------------------------------------------
 def prepare(manifest, out: Path, tokenizers_dir: Path | None = None, strict: bool = False,
             workers: int = 1, val_fraction: float = 0.05, seed: int = 0, mix=None,
-            progress: bool = True, pretrained: dict | None = None, seq_len: int = DEFAULT_SEQ_LEN) -> Report:
+            progress: bool = True, pretrained: dict | None = None, seq_len: int = DEFAULT_SEQ_LEN,
+            shard_size: int = DEFAULT_SHARD_SIZE, num_shards: int | None = None,
+            shard_index: int | None = None) -> Report:
     """An input -> shards + meta.json in `out`. `manifest`: a manifest's path, or a source
     from open_source (tar shards, a dataset). `pretrained`: keyword arguments of
     megamm.tokenizers.compose (text, image, audio and their settings) that build
     `out/tokenizers/` from `tokenizers_dir` (or the default) first. `seq_len`: the row
-    length interleaved documents are cut to fit. Raises PrepareError on fatal problems."""
+    length interleaved documents are cut to fit.
+
+    Slices (megamm/data/slices.py): every `shard_size` records of the input are one unit,
+    written as train-KKKKK / val-KKKKK; this call writes the units k with
+    k % num_shards == shard_index (default: the SLURM array task's, else 1 and 0) that are
+    not done yet in `out/.prep/`, and merges them into `out` when it finds every unit
+    done (`report.merged`). Raises PrepareError on fatal problems."""
     start = time.perf_counter()
     mix = mix or DocumentMix()
     if not 0.0 <= val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if seq_len < 3:
         raise PrepareError(f"--seq-len must be >= 3, got {seq_len}")
+    if shard_size < 1:
+        raise PrepareError(f"--shard-size must be >= 1 record, got {shard_size}")
+    try:
+        num, index = slices.slice_of(num_shards, shard_index)
+    except slices.SliceError as e:
+        raise PrepareError(str(e)) from None
     source = manifest if hasattr(manifest, "records") else ManifestSource(Path(manifest))
     name = source.name
     report = Report(unit=source.unit, seq_len=seq_len)
@@ -360,95 +424,197 @@ def prepare(manifest, out: Path, tokenizers_dir: Path | None = None, strict: boo
     elif not Path(tokenizers_dir).is_dir():
         raise PrepareError(f"tokenizer directory not found: {tokenizers_dir}")
     pretrained = {k: v for k, v in (pretrained or {}).items() if v is not None}
-    composed = out / ".tokenizers.next"  # becomes out/tokenizers only once the shards are written
-    if pretrained:
-        try:
-            tokenizers_dir = compose(composed, tokenizers_dir, **pretrained)
-        except (FileNotFoundError, ValueError, ConfigError) as e:
-            raise PrepareError(str(e)) from None
+    area = slices.WorkArea(out)
+    options = {"source": name, "input": slices.input_stamp(getattr(source, "input_files", [])),
+               "tokenizers": str(Path(tokenizers_dir).resolve()),
+               "pretrained": {k: str(v) for k, v in sorted(pretrained.items())},
+               "strict": strict, "val_fraction": val_fraction, "seed": seed, "mix": mix.to_dict(),
+               "seq_len": seq_len, "shard_size": shard_size, "unit": source.unit}
+    fresh = area.options() is None
     try:
-        toks = Tokenizers.load(tokenizers_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise PrepareError(f"cannot load tokenizers from {tokenizers_dir}: {e}") from None
-    vocab = Vocab(toks.vocab_config())
+        area.claim(options)
+    except slices.SliceError as e:
+        raise PrepareError(str(e)) from None
+    try:
+        if pretrained:
+            tokenizers_dir = _composed(area, tokenizers_dir, pretrained)
+        try:
+            toks = Tokenizers.load(tokenizers_dir)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise PrepareError(f"cannot load tokenizers from {tokenizers_dir}: {e}") from None
+        vocab = Vocab(toks.vocab_config())
+        report.written, kept = _write_units(source, area, report, toks, vocab, str(tokenizers_dir), workers, num, index,
+                            shard_size, strict, seed, val_fraction, mix, name, progress)
+        if report.lines == 0:
+            raise PrepareError(f"{name}: no examples (it holds no {report.unit}s)")
+        area.finish_slice(index, num, report.lines)
+        report.slice, report.kept = (index, num), kept
+        with area.locked(create=False) as held:
+            if held and area.options() is not None:  # else another slice merged already
+                records, todo, report.waiting = area.missing(shard_size, num)
+                if not todo:
+                    report.merged = _merge(area, report, vocab, tokenizers_dir, num)
+    except PrepareError:
+        if num == 1 and fresh:  # nothing to resume: the input must change first
+            shutil.rmtree(area.dir, ignore_errors=True)
+        raise
+    report.seconds = time.perf_counter() - start
+    return report
 
-    tasks = _chunks(source, report)
+
+def merge(out: Path) -> Report:
+    """--merge OUT: the finished slices' units -> OUT's shards and meta.json (the slice
+    that finishes last does this itself). Raises PrepareError naming the missing slices."""
+    area = slices.WorkArea(out)
+    opts = area.options()
+    if opts is None:
+        raise PrepareError(f"{out}: nothing to merge (no {slices.WORK}/ work area: every slice merged, "
+                           f"or none started)")
+    tok = area.dir / "tokenizers" if opts["pretrained"] else Path(opts["tokenizers"])
+    try:
+        vocab = Vocab(Tokenizers.load(tok).vocab_config())
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise PrepareError(f"cannot load tokenizers from {tok}: {e}") from None
+    report = Report(unit=opts["unit"], seq_len=opts["seq_len"])
+    with area.locked(create=False) as held:
+        if not held or area.options() is None:
+            raise PrepareError(f"{out}: nothing to merge (another process merged it meanwhile)")
+        report.merged = _merge(area, report, vocab, tok, None)
+    return report
+
+
+def _composed(area, base, pretrained: dict) -> Path:
+    """The composed tokenizer folder of this run (made once, by the first slice)."""
+    target = area.dir / "tokenizers"
+    with area.locked():
+        if not target.is_dir():
+            try:
+                compose(target, base, **pretrained)
+            except (FileNotFoundError, ValueError, ConfigError) as e:
+                raise PrepareError(str(e)) from None
+    return target
+
+
+def _write_units(source, area, report: Report, toks, vocab: Vocab, tokenizers_dir: str, workers: int,
+                 num: int, index: int, shard_size: int, strict: bool, seed: int, val_fraction: float, mix,
+                 name: str, progress: bool) -> tuple[list[int], list[int]]:
+    """Encode and write this slice's units that are not done: (units written, units kept
+    from an earlier attempt), in order."""
+    kept: list[int] = []
+    written: list[int] = []
+
+    def todo(k):
+        if k % num != index:
+            return False
+        if area.done_unit(k) is not None:
+            if not kept or kept[-1] != k:
+                kept.append(k)
+            return False
+        return True
+
+    tasks = _chunks(source, report, shard_size, todo)
     first = list(islice(tasks, 2))  # a pool only pays off for two tasks or more
     tasks = chain(first, tasks)
-    writer = DatasetWriter(out, vocab)
-    pool = None
+    pool, unit, writer = None, None, None
     try:
         if workers > 1 and len(first) > 1:
-            pool = mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizers_dir),))
+            pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizers_dir,))
             results = _in_order(pool, tasks, ahead=2 * workers)
         else:
             results = _inline(tasks, toks)
         bar = tqdm(total=source.total, desc="prepare", unit="ex", file=sys.stderr, disable=not progress,
                    dynamic_ncols=True, mininterval=0.5)
-        for chunk in results:
+        for k, chunk in results:
+            if k != unit:
+                if writer is not None:
+                    writer.close(unit_report.to_json())
+                written.append(k)
+                unit, writer, unit_report = k, area.unit_writer(k, vocab), Report(unit=report.unit,
+                                                                                  seq_len=report.seq_len)
             for res in chunk:
+                unit_report.lines += 1
                 for issue in res.issues:
-                    _add_issue(report, issue, strict, name)
+                    _add_issue(unit_report, issue, strict, name)
                 if res.encoded is None:
                     continue
                 split = res.split or split_of(seed, res.key, val_fraction)
                 if isinstance(res.encoded, list):
-                    _add_interleaved(report, writer, res, split, vocab, strict, name)
+                    _add_interleaved(unit_report, writer, res, split, vocab, strict, name)
                     continue
                 doc = build_document(res.encoded, vocab, mix, example_rng(seed, res.key))
                 if doc is None:
-                    _add_issue(report, Issue(res.key, f"no template with a positive weight fits its "
-                                                      f"modalities {sorted(res.encoded.modalities)}",
-                                             where=res.where), strict, name)
+                    _add_issue(unit_report, Issue(res.key, f"no template with a positive weight fits its "
+                                                           f"modalities {sorted(res.encoded.modalities)}",
+                                                  where=res.where), strict, name)
                     continue
                 writer.add(split, doc[0], doc[1])
-                report.examples += 1
-            bar.update(len(chunk))
+                unit_report.examples += 1
+            bar.n = report.lines
+            bar.refresh()
+        if writer is not None:
+            writer.close(unit_report.to_json())
+            writer = None
         bar.close()
-        if report.lines == 0:
-            raise PrepareError(f"{name}: no examples (it holds no {report.unit}s)")
-        if report.examples == 0:
-            first_bad = report.skipped[0] if report.skipped else None
-            raise PrepareError(f"{name}: no usable examples ({len(report.skipped)} bad {report.unit}(s); "
-                               f"first: {_where(first_bad)}: {first_bad.message})"
-                               if first_bad else f"{name}: no usable examples")
-        if pretrained:
-            shutil.rmtree(out / "tokenizers", ignore_errors=True)
-            composed.rename(out / "tokenizers")
-            tokenizers_dir = out / "tokenizers"
-        extra = {"source": name, "seed": seed, "val_fraction": val_fraction, "mix": mix.to_dict()}
-        if report.unit == "line":
-            extra["skipped_lines"] = sorted(i.line for i in report.skipped)
-        else:
-            extra["skipped"] = [i.where for i in sorted(report.skipped, key=lambda i: i.line)]
-        if report.interleaved:
-            extra["interleaved"] = {"documents": report.interleaved, "cut": len(report.cut), "seq_len": seq_len}
-        report.meta = writer.close(tokenizers_dir, extra=extra)
     except BaseException:
-        writer.abort()
-        shutil.rmtree(composed, ignore_errors=True)
+        if writer is not None:
+            writer.abort()
         raise
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    report.seconds = time.perf_counter() - start
-    return report
+    return written, kept
 
 
-def _chunks(source, report: Report):
-    """The source's records in tasks of CHUNK, read as they are asked for (streamed)."""
+def _merge(area, report: Report, vocab: Vocab, tokenizers_dir, num: int | None) -> bool:
+    """Every unit done -> `report` holds the whole input's counts and issues, OUT its
+    shards and meta.json. Raises PrepareError (also for an input without a usable example)."""
+    opts = area.options()
+    try:
+        units = area.units(num)
+    except slices.SliceError as e:
+        raise PrepareError(str(e)) from None
+    report.lines = sum(u["records"] for u in units)
+    for u in units:
+        report.add_json(u)
+    if report.examples == 0:
+        first_bad = min(report.skipped, key=lambda i: i.line) if report.skipped else None
+        raise PrepareError(f"{opts['source']}: no usable examples ({len(report.skipped)} bad {report.unit}(s); "
+                           f"first: {_where(first_bad)}: {first_bad.message})"
+                           if first_bad else f"{opts['source']}: no usable examples")
+    extra = {"source": opts["source"], "seed": opts["seed"], "val_fraction": opts["val_fraction"],
+             "mix": opts["mix"]}
+    skipped = sorted(report.skipped, key=lambda i: i.line)
+    if report.unit == "line":
+        extra["skipped_lines"] = [i.line for i in skipped]
+    else:
+        extra["skipped"] = [i.where for i in skipped]
+    if report.interleaved:
+        extra["interleaved"] = {"documents": report.interleaved, "cut": len(report.cut), "seq_len": report.seq_len}
+    try:
+        report.meta, _ = area.merge(vocab, tokenizers_dir, extra, num)
+    except slices.SliceError as e:
+        raise PrepareError(str(e)) from None
+    return True
+
+
+def _chunks(source, report: Report, shard_size: int, todo):
+    """(unit, task) for the source's records in tasks of at most CHUNK, never across a
+    unit's end, read as they are asked for (streamed); records of units `todo(k)` refuses
+    are read and counted but not handed out."""
     records = source.records()
     base = str(source.base)
     while True:
+        unit, offset = divmod(report.lines, shard_size)
         try:
-            items = list(islice(records, CHUNK))
+            items = list(islice(records, min(CHUNK, shard_size - offset)))
         except (OSError, ValueError, tarfile.TarError) as e:  # a damaged tar or dataset file: fatal, in one line
             raise PrepareError(f"{source.name}: cannot read ({type(e).__name__}: {_first_line(e)})") from None
         if not items:
             return
         report.lines += len(items)
-        yield base, items
+        if todo(unit):
+            yield unit, (base, items)
 
 
 def _first_line(e: BaseException) -> str:
@@ -457,18 +623,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def _in_order(pool, tasks, ahead: int):
-    """encode_chunk over `tasks` in the pool, results in task order, at most `ahead`
-    tasks in flight (Pool.imap would read the whole input ahead)."""
+    """(unit, encode_chunk(task)) over `tasks` ((unit, task) pairs) in the pool, in task
+    order, at most `ahead` tasks in flight (Pool.imap would read the whole input ahead)."""
     pending = deque()
-    for task in tasks:
-        pending.append(pool.apply_async(encode_chunk, (task,)))
+    for unit, task in tasks:
+        pending.append((unit, pool.apply_async(encode_chunk, (task,))))
         if len(pending) >= ahead:
-            yield pending.popleft().get()
+            unit_done, result = pending.popleft()
+            yield unit_done, result.get()
     while pending:
-        yield pending.popleft().get()
+        unit_done, result = pending.popleft()
+        yield unit_done, result.get()
 
 
-def _add_interleaved(report: Report, writer: DatasetWriter, res: Result, split: str, vocab: Vocab,
+def _add_interleaved(report: Report, writer, res: Result, split: str, vocab: Vocab,
                      strict: bool, name: str) -> None:
     """One interleaved document's segments -> documents of at most --seq-len tokens."""
     segments = []
@@ -494,11 +662,11 @@ def _add_interleaved(report: Report, writer: DatasetWriter, res: Result, split: 
 
 
 def _inline(tasks, toks):
-    """encode_chunk over `tasks` in this process, single-threaded like the workers."""
-    for task in tasks:
+    """(unit, encode_chunk(task)) over `tasks` in this process, single-threaded like the workers."""
+    for unit, task in tasks:
         with torch_threads(1):
             result = encode_chunk(task, toks)
-        yield result
+        yield unit, result
 
 
 def _where(issue: Issue) -> str:
@@ -513,6 +681,12 @@ def _add_issue(report: Report, issue: Issue, strict: bool, source: str) -> None:
 
 
 def summarise(report: Report) -> str:
+    if not report.merged:
+        index, num = report.slice
+        return (f"slice {index} of {num}: wrote {len(report.written)} shard(s)"
+                + (f", kept {len(report.kept)} from an earlier attempt" if report.kept else "")
+                + (f"; {report.waiting}: the last one to finish merges (or: prepare_data.py --merge OUT)"
+                   if report.waiting else "; another slice merged them"))
     m = report.meta
     rate = report.examples / max(report.seconds, 1e-9)
     out = [f"wrote {m['documents']['train']} train + {m['documents']['val']} val documents "
@@ -570,6 +744,17 @@ def main(argv=None) -> int:
                          f"{DEFAULT_SEQ_LEN}, the tiny preset's max_seq_len)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--verify", type=Path, metavar="DIR", help="check the shards of DIR against their checksums")
+    ap.add_argument("--num-shards", type=int, default=None, metavar="N",
+                    help="split the work into N slices (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    ap.add_argument("--shard-index", type=int, default=None, metavar="I",
+                    help="the slice this run writes, 0 <= I < N (default: SLURM_ARRAY_TASK_ID - "
+                         "SLURM_ARRAY_TASK_MIN, else 0)")
+    ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="RECORDS",
+                    help=f"input records per shard (default {DEFAULT_SHARD_SIZE}); fixes the shards' "
+                         f"boundaries, so their bytes do not depend on --num-shards or --workers")
+    ap.add_argument("--merge", type=Path, metavar="DIR",
+                    help="merge the finished slices in DIR into its shards and meta.json (the last slice "
+                         "to finish does this itself)")
     ap.add_argument("--tokenizers", type=Path, default=None,
                     help="tokenizer directory (text/, image/, audio/); default: the embedded dataset's")
     ap.add_argument("--text-tokenizer", type=Path, default=None, metavar="FILE_OR_DIR",
@@ -594,8 +779,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.verify is not None:
         return verify(args.verify)
+    if args.merge is not None:
+        try:
+            start = time.perf_counter()
+            report = merge(args.merge)
+            report.seconds = time.perf_counter() - start
+        except PrepareError as e:
+            print(f"prepare_data: error: {e}", file=sys.stderr)
+            return 2
+        print(summarise(report))
+        return 0
     if args.out is None:
-        ap.error("--out is required (or --verify DIR)")
+        ap.error("--out is required (or --verify DIR, or --merge DIR)")
 
     try:
         if args.workers < 1:
@@ -616,7 +811,8 @@ def main(argv=None) -> int:
         source = open_source(args.manifest, args.webdataset, args.hf_dataset, columns)
         report = prepare(source, args.out, args.tokenizers, args.strict, args.workers,
                          args.val_fraction, args.seed, mix, progress=not args.quiet, pretrained=pretrained,
-                         seq_len=args.seq_len)
+                         seq_len=args.seq_len, shard_size=args.shard_size, num_shards=args.num_shards,
+                         shard_index=args.shard_index)
     except PrepareError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2

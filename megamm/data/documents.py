@@ -279,24 +279,9 @@ class DatasetWriter:
         for path in self.written:
             os.replace(path, self.out / path.name)
         self.stage.rmdir()
-        tok = Path(tokenizers_dir)
-        try:
-            tok_ref = os.path.relpath(tok.resolve(), self.out.resolve())
-        except ValueError:  # another drive
-            tok_ref = str(tok.resolve())
-        meta = {
-            "vocab": _vocab_dict(self.vocab),
-            "tokenizers": tok_ref,
-            "tokens_per_modality": dict(self.tokens_per_modality),
-            "documents": dict(self.documents),
-            "tokens": dict(self.tokens),
-            "templates": dict(sorted(self.templates.items())),
-            **(extra or {}),
-        }
-        tmp = self.out / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.out / "meta.json")
-        return meta
+        counts = {"tokens_per_modality": self.tokens_per_modality, "documents": self.documents,
+                  "tokens": self.tokens, "templates": self.templates}
+        return write_meta(self.out, self.vocab, tokenizers_dir, counts, extra)
 
 
     def abort(self) -> None:
@@ -304,6 +289,30 @@ class DatasetWriter:
         for w in self._writers.values():
             w.__exit__(RuntimeError, None, None)
         shutil.rmtree(self.stage, ignore_errors=True)
+
+
+def write_meta(out: Path, vocab: Vocab, tokenizers_dir: str | Path, counts: dict, extra: dict | None = None) -> dict:
+    """Write `<out>/meta.json` atomically and return it: the vocabulary, the tokenizer
+    folder (relative to `out` when it can be), `counts` (tokens_per_modality, documents,
+    tokens, templates) and `extra`."""
+    out, tok = Path(out), Path(tokenizers_dir)
+    try:
+        tok_ref = os.path.relpath(tok.resolve(), out.resolve())
+    except ValueError:  # another drive
+        tok_ref = str(tok.resolve())
+    meta = {
+        "vocab": _vocab_dict(vocab),
+        "tokenizers": tok_ref,
+        "tokens_per_modality": dict(counts["tokens_per_modality"]),
+        "documents": dict(counts["documents"]),
+        "tokens": dict(counts["tokens"]),
+        "templates": dict(sorted(counts["templates"].items())),
+        **(extra or {}),
+    }
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out / "meta.json")
+    return meta
 
 
 def _vocab_dict(vocab: Vocab) -> dict:

@@ -142,6 +142,8 @@ class WebDatasetSource:
         if missing:
             raise SourceError(f"webdataset shard not found: {missing[0]}"
                               + (f" (and {len(missing) - 1} more of {len(self.urls)})" if len(missing) > 1 else ""))
+        self.input_files = [Path(u) for u in self.urls]
+        """The files read: a resumed preparation refuses them changed (megamm.data.slices)."""
 
     def records(self) -> Iterator[Record]:
         import webdataset  # deferred, as in __init__
@@ -207,11 +209,13 @@ class HFDatasetSource:
                     raise SourceError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(splits)})")
                 ds = ds["train" if "train" in ds else splits[0]]
             self.total = len(ds)
+            self.input_files = sorted(p for p in path.rglob("*") if p.is_file())
         else:
             files = _data_files(path)
             kind = "parquet" if files[0].suffix == ".parquet" else "arrow"
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True)
             self.total = None
+            self.input_files = files
         names = list(ds.column_names or [])
         if columns is None or not any(columns.values()):
             columns = {m: m for m in ("text", "image", "audio") if m in names}

@@ -9,7 +9,8 @@ slurmctld and slurmd from a generated slurm.conf, and stops them by pid at the e
   resumes from `latest` on the reference run's loss curve;
 - SIGKILL of rank 1: srun ends the job within the documented bound and names task 1;
 - `mpirun -np 2 python launch/train.py` and `deepspeed --launcher openmpi` reproduce the
-  reference losses.
+  reference losses;
+- prepare_data.sbatch as a 3-task array job prepares shards equal to one process's.
 """
 import json
 import re
@@ -227,3 +228,29 @@ def test_mpirun_ends_the_job_when_a_rank_dies_and_names_it(train_args, tmp_path)
     text = log.read_text()
     assert status != 0 and took < DEAD_RANK_BOUND_S, (status, took, text[-3000:])
     assert re.search(r"process rank 1 with PID \d+ on node \S+ exited on signal 9", text), text[-3000:]
+
+
+def test_prepare_array_job_merges_into_the_one_process_shards(slurm, quick_tokenizers_dir, tmp_path):
+    """launch/slurm/prepare_data.sbatch as a 3-task array job: each task writes its slice
+    (from SLURM_ARRAY_TASK_ID / _COUNT), the last one merges; the result equals a
+    one-process tools/prepare_data.py run byte for byte."""
+    from megamm.demo import digits
+
+    manifest = digits.export_manifest(tmp_path / "input", split="val", limit=12)
+    args = [str(manifest), "--tokenizers", str(quick_tokenizers_dir), "--shard-size", "3", "--seed", "1",
+            "--val-fraction", "0.3"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    one = subprocess.run([sys.executable, "tools/prepare_data.py", *args, "--out", str(ref), "--quiet"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    job = slurm.run("sbatch", "--parsable", "--array=0-2", "--output", str(tmp_path / "task-%a.log"),
+                    "--chdir", str(ROOT), "launch/slurm/prepare_data.sbatch", *args, "--out", str(out),
+                    check=True).stdout.strip().split(";")[0]
+    wait_for(lambda: not slurm.run("squeue", "-h", "-j", job).stdout.strip(), f"array job {job} to end", 300, 0.5)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("task-*.log")))
+    assert (out / "meta.json").is_file() and not (out / ".prep").exists(), logs[-4000:]
+    assert logs.count("megamm: prepare slice") == 3 and logs.count("tokens per modality") == 1, logs[-4000:]
+    names = sorted(p.name for p in ref.iterdir())
+    assert names == sorted(p.name for p in out.iterdir()) and len(names) >= 9  # 4 shards + meta.json
+    for name in names:
+        assert (ref / name).read_bytes() == (out / name).read_bytes(), name

@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory_baseline  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 SEQ, STEPS = 32, 2
-MEASURED = [(m, c) for m in ("tiny", "small") for c in ("zero3_offload.json", "zero2.json", "zero1.json")]
+# small under every ZeRO stage (its model items are ~3 GB of the total); tiny under the
+# offload config, where the baseline is nearly all of it
+MEASURED = [("tiny", "zero3_offload.json")] + [("small", c) for c in ("zero3_offload.json", "zero2.json", "zero1.json")]
 
 
 class Runs:
