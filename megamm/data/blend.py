@@ -34,10 +34,12 @@ mb x dp resumes on the same next sample when its mb x dp divides `samples`; a lo
 other sources or weights refuses the state.
 
 Names: a source is named by its directory's basename (`_2`, `_3`, ... appended when two
-share one). metrics.jsonl then has, every step, `tokens_<name>`: the counted target tokens
-(those the loss counts) of the step's rows from that source, over all replicas; and at
-each validation `val_loss_<name>`, the loss on that source's validation split, with
-`val_loss` their weight-mean.
+share one; `_data` appended to a modality name or `per_s`, whose metrics exist already:
+data/text is `text_data`). metrics.jsonl then has, every step, `tokens_<name>`: the counted
+target tokens (those the loss counts) of the step's rows from that source, over all
+replicas, and `loss_<name>`, their token-mean training loss; and at each validation
+`val_loss_<name>`, the loss on that source's validation split, with `val_loss` their
+weight-mean.
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ import torch
 from megamm.config import ConfigError
 from megamm.data.loader import DataError, PackedLoader, data_vocab
 from megamm.data.plan import DataCache
+from megamm.vocab import MODALITY_NAMES
+
+RESERVED_NAMES = frozenset(MODALITY_NAMES) | {"per_s"}
+"""Directory basenames a source is not named as (its metrics would be others')."""
 
 BLEND_FORMAT = 1
 BLOCK = 1 << 16
@@ -95,6 +101,8 @@ def resolve_sources(tokens) -> list[Source]:
         if not path.is_dir():
             raise ConfigError(f"--data directory not found: {d}")
         base = path.resolve().name or "data"
+        if base in RESERVED_NAMES:  # loss_text, tokens_per_s, ... are other metrics already
+            base = f"{base}_data"
         seen[base] = seen.get(base, 0) + 1
         out.append(Source(base if seen[base] == 1 else f"{base}_{seen[base]}", weight, path))
     return out

@@ -54,12 +54,14 @@ class LossOutput:
     loss_sum: torch.Tensor  # scalar: the same, summed instead of averaged
     modality_sum: torch.Tensor  # [4] summed cross-entropy per target modality (detached)
     modality_count: torch.Tensor  # [4] counted targets per modality
+    row_stats: torch.Tensor | None = None  # [2, B] per row: summed cross-entropy, counted targets
 
     @classmethod
-    def from_head(cls, loss_sum: torch.Tensor, stats: torch.Tensor) -> "LossOutput":
+    def from_head(cls, loss_sum: torch.Tensor, stats: torch.Tensor,
+                  row_stats: torch.Tensor | None = None) -> "LossOutput":
         m = len(MODALITY_NAMES)
         return cls(loss=loss_sum / stats[m:].sum().clamp(min=1), loss_sum=loss_sum,
-                   modality_sum=stats[:m], modality_count=stats[m:])
+                   modality_sum=stats[:m], modality_count=stats[m:], row_stats=row_stats)
 
     def modality_losses(self) -> dict[str, float]:
         """Mean loss per modality that had targets (call after any cross-rank sum)."""
@@ -69,7 +71,8 @@ class LossOutput:
 
 class OutputHead(nn.Module):
     """Final hidden [B,S,D] -> logits [B,S,V]; with states and targets, the loss as the
-    plain tuple (loss_sum, stats) of megamm.model.loss.grammar_loss.
+    plain tuple (loss_sum, stats) of megamm.model.loss.grammar_loss, (loss_sum, stats,
+    row_stats) when `row_stats` is on.
 
     A tuple, not a dataclass: ZeRO-3 finds the tensors of a module's output to hook its
     backward (and re-gather this weight) and does not look inside dataclasses.
@@ -78,6 +81,7 @@ class OutputHead(nn.Module):
     vocab_start = 0  # first vocabulary row held here
     group = None  # process group over which the rows are split (None: all rows here)
     chunking: HeadChunking = DEFAULT_CHUNKING  # how the loss cuts its rows and columns
+    row_stats = False  # also return each row's loss statistics (set by Trainer.report_rows)
 
     def __init__(self, cfg: ModelConfig, vocab: Vocab, device=None):
         super().__init__()
@@ -92,4 +96,4 @@ class OutputHead(nn.Module):
         if targets is None:
             return F.linear(h, self.weight)
         return grammar_loss(h, self.weight, self.vocab_start, states, targets, self.tables,
-                            self.cfg.loss_scope, self.cfg.z_loss, self.group, self.chunking)
+                            self.cfg.loss_scope, self.cfg.z_loss, self.group, self.chunking, self.row_stats)

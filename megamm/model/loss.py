@@ -402,12 +402,15 @@ class _ChunkedGrammarHead(torch.autograd.Function):
 
 def grammar_loss(h, weight, vocab_start: int, states, targets, tables: GrammarTables,
                  loss_scope: str = "modality", z_loss: float = 0.0, group=None,
-                 chunking: HeadChunking = DEFAULT_CHUNKING):
+                 chunking: HeadChunking = DEFAULT_CHUNKING, rows: bool = False):
     """h [B,S,D] or [N,D]; weight [Vs,D] holding vocabulary rows [vocab_start, +Vs);
-    states, targets [B,S] or [N]. Returns (loss_sum, stats):
+    states, targets [B,S] or [N]. Returns (loss_sum, stats), with `rows` (loss_sum, stats,
+    row_stats):
 
     loss_sum: scalar, the summed cross-entropy (+ z_loss x lse^2) of the counted targets;
-    stats [N_STATS] fp32, detached: per-modality summed cross-entropy, then counts.
+    stats [N_STATS] fp32, detached: per-modality summed cross-entropy, then counts;
+    row_stats [2, B] fp32 (B = 1 for [N] targets), detached: each row's summed
+    cross-entropy, then its counted targets (a blend's per-source loss, megamm.train.engine).
     A target counts unless it is <pad>, after a document's end, or (modality scope)
     forbidden by its position's grammar state.
 
@@ -415,6 +418,7 @@ def grammar_loss(h, weight, vocab_start: int, states, targets, tables: GrammarTa
     under "full"), in chunks (`chunking`); with a tensor-parallel `group` each rank over
     its own rows of the table. The backward runs once.
     """
+    n_rows = targets.shape[0] if targets.dim() == 2 else 1
     h, states, targets = h.reshape(-1, h.shape[-1]), states.reshape(-1), targets.reshape(-1)
     allowed, modality_of_id = tables.get(h.device)
     vs = weight.shape[0]
@@ -433,4 +437,7 @@ def grammar_loss(h, weight, vocab_start: int, states, targets, tables: GrammarTa
     n_mod = len(MODALITY_NAMES)
     msum = torch.zeros(n_mod, device=h.device).index_add(0, mod, ce * w)
     mcount = torch.zeros(n_mod, device=h.device).index_add(0, mod, w)
+    if rows:
+        per_row = torch.stack([(ce.detach() * w).view(n_rows, -1).sum(1), w.view(n_rows, -1).sum(1)])
+        return loss_sum, torch.cat([msum, mcount]), per_row
     return loss_sum, torch.cat([msum, mcount])

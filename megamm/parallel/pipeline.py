@@ -113,22 +113,30 @@ class HeadStage(_Stage):
 
 
 class PipelineLoss:
-    """loss_fn of the pipeline engine: the last stage's (loss_sum, stats) -> the scaled
-    loss to backpropagate; sums the statistics of the micro-batches it sees."""
+    """loss_fn of the pipeline engine: the last stage's (loss_sum, stats[, row_stats]) ->
+    the scaled loss to backpropagate; sums the statistics of the micro-batches it sees and
+    keeps their row statistics."""
 
     def __init__(self):
         self.scale = 1.0
         self.guard = None  # training: loss -> the loss to back-propagate (megamm.train.bad_steps)
         self.stats = torch.zeros(N_STATS, dtype=torch.float64)
+        self.rows: list[torch.Tensor] = []  # each micro-batch's row_stats, when the head gives them
 
     def __call__(self, outputs, labels):
-        loss_sum, stats = outputs
+        loss_sum, stats, *rows = outputs
         self.stats += stats.detach().double().cpu()
+        self.rows += [r.detach().double().cpu() for r in rows]
         loss = loss_sum * self.scale
         return self.guard(loss) if self.guard is not None else loss
 
     def take_stats(self) -> torch.Tensor:
         out, self.stats = self.stats, torch.zeros(N_STATS, dtype=torch.float64)
+        return out
+
+    def take_rows(self) -> list[torch.Tensor]:
+        """The row_stats [2, B] of the micro-batches since the last call, in order (the last stage's)."""
+        out, self.rows = self.rows, []
         return out
 
 

@@ -70,15 +70,37 @@ class Trainer:
         return float(all_reduce_sum(t, self.groups.dp_group).cpu())
 
     def _gather_stats(self, stats: torch.Tensor) -> torch.Tensor:
-        """Per-modality sums over data-parallel replicas, known on every rank. Only the
-        last stage has statistics, and its tp ranks hold identical copies: one counts."""
+        """Summed statistics (per modality, per source) over data-parallel replicas, known
+        on every rank. Only the last stage has statistics, and its tp ranks hold identical
+        copies: one counts."""
         mine = self.groups.is_last_stage() and self.groups.tp_rank == 0
-        t = (stats if mine else torch.zeros(N_STATS, dtype=torch.float64)).to(self.device)
+        t = (stats if mine else torch.zeros_like(stats)).to(self.device)
         return all_reduce_sum(t).cpu()
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0) -> dict:
+    def report_rows(self) -> None:
+        """From now on the head also returns each row's loss statistics, which train_step
+        sums per source (a blend's `loss_<name>`)."""
+        from megamm.model.heads import OutputHead
+
+        for module in self.engine.module.modules():
+            if isinstance(module, OutputHead):
+                module.row_stats = True
+
+    def _per_source(self, rows: list[torch.Tensor], row_sources, n: int) -> torch.Tensor:
+        """[2n]: summed cross-entropy, then counted targets, per source, from each
+        micro-batch's row_stats [2, B] and its rows' sources."""
+        out = torch.zeros(2, n, dtype=torch.float64)
+        for r, src in zip(rows, row_sources):
+            out.index_add_(1, torch.as_tensor(src, dtype=torch.int64), r.double())
+        return out.reshape(-1)
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0,
+                   row_sources=None, source_names=None) -> dict:
         """One optimizer step over `gas` micro-batches (inputs, targets) -> its record.
-        `step` (from 1) numbers it for the bad-step guard's fault injection."""
+        `step` (from 1) numbers it for the bad-step guard's fault injection. With
+        `row_sources` (per micro-batch, each row's index into `source_names`; after
+        report_rows) the record has `loss_<name>`, the token-mean loss of each source's
+        rows over all replicas (absent for a source without rows this step)."""
         if len(batches) != self.gas:
             raise ValueError(f"a step takes {self.gas} micro-batches, got {len(batches)}")
         # DeepSpeed divides by gas and averages over data parallel; undo both and divide
@@ -90,14 +112,25 @@ class Trainer:
             self.engine.train_batch(iter([((x, y), y) for x, y in batches]))
             self.pipeline_loss.guard = None
             stats = self.pipeline_loss.take_stats()
+            rows = self.pipeline_loss.take_rows()
         else:
-            stats = torch.zeros(N_STATS, dtype=torch.float64)
+            stats, rows = torch.zeros(N_STATS, dtype=torch.float64), []
             for x, y in batches:
                 out = self.engine(x.to(self.device), y.to(self.device))
                 self.engine.backward(self.guard.loss_for_backward(out.loss_sum * scale, step))
                 self.engine.step()
                 stats += torch.cat([out.modality_sum, out.modality_count]).double().cpu()
-        rec = loss_record(self._gather_stats(stats), "")
+                if out.row_stats is not None:
+                    rows.append(out.row_stats.cpu())
+        if row_sources is None:
+            rec = loss_record(self._gather_stats(stats), "")
+        else:
+            n = len(source_names)
+            # rows only on the last stage; the other ranks add zeros of the same size
+            both = self._gather_stats(torch.cat([stats, self._per_source(rows, row_sources, n)]))
+            rec = loss_record(both[:N_STATS], "")
+            ce, count = both[N_STATS:N_STATS + n], both[N_STATS + n:]
+            rec.update({f"loss_{name}": float(ce[k] / count[k]) for k, name in enumerate(source_names) if count[k] > 0})
         rec["lr"] = float(self.engine.get_lr()[0])
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
@@ -113,6 +146,7 @@ class Trainer:
             self.pipeline_loss.take_stats()
             self.engine.eval_batch(iter([((x, y), y) for x, y in batches]), num_micro_batches=len(batches))
             stats = self.pipeline_loss.take_stats()
+            self.pipeline_loss.take_rows()  # per-source validation is per split, not per row
         else:
             stats = torch.zeros(N_STATS, dtype=torch.float64)
             for x, y in batches:

@@ -10,7 +10,8 @@ evaluation), so the train package imports neither megamm.eval nor the demo.
 Data: one directory (PackedLoader), or a blend of several (`--data 0.7 DIR_A 0.3 DIR_B`,
 megamm.data.blend's BlendedLoader; they must share one vocabulary). A blend's sources are
 named by their directories' basenames, and its metrics.jsonl records add `tokens_<name>`
-every step (counted target tokens from that source, all replicas) and, at validation,
+(counted target tokens from that source, all replicas) and `loss_<name>` (the token-mean
+training loss of that source's rows) every step and, at validation,
 `val_loss_<name>` per source's validation split, with `val_loss` their weight-mean.
 """
 from __future__ import annotations
@@ -288,13 +289,16 @@ def run(args: TrainArgs, hooks: Hooks = Hooks()) -> list[dict]:
     flops_tok = flops_per_token(cfg, cfg.max_seq_len)
     peak = peak_flops(trainer.device)
     stop = StopRequest.install()  # from here SIGTERM/SIGUSR1 -> all ranks save after the same step
+    if r.blended:
+        trainer.report_rows()  # the head's per-row loss statistics -> loss_<name> per source
     while r.step < args.max_steps:
         t0 = time.perf_counter()
         batches, row_sources = [], []
         for _ in range(trainer.gas):
             batches.append(r.loader.next_batch())
             row_sources.append(getattr(r.loader, "last_sources", None))
-        rec = trainer.train_step(batches, r.step + 1)
+        rec = (trainer.train_step(batches, r.step + 1, row_sources, [s.name for s in r.sources]) if r.blended
+               else trainer.train_step(batches, r.step + 1))
         r.step += 1
         dt = time.perf_counter() - t0
         rec = {"step": r.step, **rec, "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}

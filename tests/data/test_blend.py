@@ -163,3 +163,14 @@ def test_one_directory_is_no_blend(dirs):
     single = PackedLoader(open_split(dirs[0], "train", VOCAB), VOCAB, SEQ, 1)
     with pytest.raises(DataError, match="trained on a blend of a, b"):
         single.load_state_dict(state)
+
+
+def test_sources_are_named_by_directory_but_never_as_another_metric(tmp_path):
+    """tokens_<name>, loss_<name>, val_loss_<name>: a source in data/text would report as
+    the text modality (loss_text), one in data/per_s as tokens_per_s; they get `_data`."""
+    for name in ("text", "audio", "per_s", "a", "x/a"):
+        (tmp_path / name).mkdir(parents=True)
+    names = [s.name for s in resolve_sources(["1", str(tmp_path / "text"), "1", str(tmp_path / "audio"),
+                                              "1", str(tmp_path / "per_s"), "1", str(tmp_path / "a"),
+                                              "1", str(tmp_path / "x" / "a")])]
+    assert names == ["text_data", "audio_data", "per_s_data", "a", "a_2"]

@@ -145,6 +145,13 @@ def test_one_table_loss_equals_the_sharded_function_on_one_rank(scope, vocab_cfg
     torch.testing.assert_close(h.grad, hr.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-6)
     assert (h.grad.reshape(counted.shape[0], -1)[~counted] == 0).all()  # uncounted rows: untouched
+    # row statistics (a blend's per-source loss): each row's summed ce and counted targets
+    _, same, per_row = grammar_loss(h0, w0, 0, states, y, tables, scope, 0.01, rows=True)
+    torch.testing.assert_close(same, stats)
+    assert per_row.shape == (2, y.shape[0])
+    torch.testing.assert_close(per_row[0], torch.where(counted, ce.detach(), 0).view(y.shape[0], -1).sum(1),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_row[1], counted.view(y.shape[0], -1).float().sum(1))
 
 
 def test_head_columns_are_exactly_each_states_allowed_ids():

@@ -86,18 +86,18 @@ def _loss_shard(rank, world, h, w, states, targets):
     for scope, chunking in LOSS_VARIANTS:
         hr = h.clone().requires_grad_(True)
         shard = w[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
-        loss, stats = grammar_loss(hr, shard, rank * rows, states, targets, GrammarTables(Vocab(VOCAB)),
-                                   scope, 0.01, dist.group.WORLD, chunking)
+        loss, stats, per_row = grammar_loss(hr, shard, rank * rows, states, targets, GrammarTables(Vocab(VOCAB)),
+                                            scope, 0.01, dist.group.WORLD, chunking, rows=True)
         loss.backward()
-        out.append((loss.item(), stats, hr.grad, shard.grad))
+        out.append((loss.item(), stats, hr.grad, shard.grad, per_row))
     return out
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_grammar_loss_equals_the_full_one(world):
     """Shard boundaries at 64 (world 2) and 32/64/96 (world 4) cut the text, image and
-    audio id ranges; values and gradients equal the one-table loss, with one chunk and
-    with chunks that cut the rows and columns."""
+    audio id ranges; values, statistics (per modality and per row) and gradients equal the
+    one-table loss, with one chunk and with chunks that cut the rows and columns."""
     torch.manual_seed(0)
     x, y = batch(seed=1)
     v = Vocab(VOCAB)
@@ -105,12 +105,13 @@ def test_vocab_parallel_grammar_loss_equals_the_full_one(world):
     per_rank = run_ranks(world, _loss_shard, h, w, v.states(x), y)
     for i, (scope, _) in enumerate(LOSS_VARIANTS):
         hr, wr = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss, stats = grammar_loss(hr, wr, 0, v.states(x), y, GrammarTables(v), scope, 0.01)
+        loss, stats, per_row = grammar_loss(hr, wr, 0, v.states(x), y, GrammarTables(v), scope, 0.01, rows=True)
         loss.backward()
         results = [r[i] for r in per_rank]
-        for got, st, _, _ in results:
+        for got, st, _, _, rows in results:  # every rank: the whole loss, statistics and row statistics
             assert got == pytest.approx(loss.item(), rel=1e-5)
             torch.testing.assert_close(st, stats)
+            torch.testing.assert_close(rows, per_row)
         # each rank's gradient of h is its columns' part (the head's hook sums them)
         torch.testing.assert_close(sum(r[2] for r in results), hr.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.cat([r[3] for r in results]), wr.grad, rtol=1e-5, atol=1e-6)

@@ -23,14 +23,16 @@ OTHER_VOCAB = VocabConfig(text_size=300, n_special=12, image_codes=40, image_tok
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Source a (120 documents) and b (9: it goes round its epochs); straight 6 steps, and 3
-    steps then a resume to 6, all in one 2-rank launch."""
+    """Source a (120 documents) and b (9: it goes round its epochs); straight 6 steps, 3
+    steps then a resume to 6, and 3 steps of a 2-stage pipeline, all in one 2-rank launch."""
     tmp = tmp_path_factory.mktemp("blend")
     tiny = get_preset("tiny").vocab
     a = write_synthetic_dataset(tmp / "a", tiny, n_train=120, n_val=8, seed=0)
     b = write_synthetic_dataset(tmp / "b", tiny, n_train=9, n_val=8, seed=1)
     data = ["--data", 0.6, a, 0.4, b]
+    pipeline = [*data, *FLAGS, "--pp", 2]  # cpu.json is ZeRO-1: the pipeline engine takes it
     run_many({"straight": ([*data, *FLAGS, "--max-steps", 6, "--save-dir", tmp / "straight"], 2),
+              "pipeline": ([*pipeline, "--max-steps", 3, "--save-dir", tmp / "pipeline"], 2),
               "first": ([*data, *FLAGS, "--max-steps", 3, "--save-dir", tmp / "resumed"], 2),
               "resumed": ([*data, *FLAGS, "--max-steps", 6, "--resume", "--save-dir", tmp / "resumed"], 2)}, tmp)
     return tmp
@@ -45,6 +47,25 @@ def test_a_resumed_blend_continues_the_uninterrupted_loss_curve(runs):
     for step in (3, 6):
         for key in ("val_loss", "val_loss_a", "val_loss_b"):
             assert resumed[step][key] == pytest.approx(straight[step][key], rel=1e-5), (step, key)
+
+
+@pytest.mark.parametrize("run", ["straight", "pipeline"])
+def test_each_sources_training_loss_is_its_share_of_the_step_loss(runs, run):
+    """loss_a, loss_b are token means over each source's rows: weighted by tokens_a,
+    tokens_b (counted on the input side, every replica) they give back the step's loss,
+    under data parallelism (2 replicas) and a 2-stage pipeline alike."""
+    records = losses(runs / run)
+    assert sorted(records) == list(range(1, 7 if run == "straight" else 4))
+    both = 0
+    for step, r in records.items():
+        present = [k for k in "ab" if r[f"tokens_{k}"] > 0]
+        assert sorted(k[-1] for k in r if k in ("loss_a", "loss_b")) == present, (run, step)  # no rows: no loss
+        mixed = sum(r[f"loss_{k}"] * r[f"tokens_{k}"] for k in present) / sum(r[f"tokens_{k}"] for k in present)
+        assert mixed == pytest.approx(r["loss"], rel=1e-6), (run, step)
+        if len(present) == 2:
+            both += 1
+            assert r["loss_a"] != r["loss_b"], (run, step)
+    assert both >= 2
 
 
 def test_metrics_report_each_sources_tokens_and_validation_loss(runs):
