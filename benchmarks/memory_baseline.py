@@ -84,6 +84,7 @@ def measure(config: str = "zero3_offload.json", data: Path | None = None, workdi
     the estimator's items for it. Writes synthetic data into `workdir` unless `data` is given."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         model = work / "micro.json"
         model.write_text(json.dumps(MICRO))
         if data is None:

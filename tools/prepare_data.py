@@ -443,8 +443,8 @@ def prepare(manifest, out: Path, tokenizers_dir: Path | None = None, strict: boo
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise PrepareError(f"cannot load tokenizers from {tokenizers_dir}: {e}") from None
         vocab = Vocab(toks.vocab_config())
-        report.written, kept = _write_units(source, area, report, toks, vocab, str(tokenizers_dir), workers, num, index,
-                            shard_size, strict, seed, val_fraction, mix, name, progress)
+        report.written, kept = _write_units(source, area, report, toks, vocab, str(tokenizers_dir), workers,
+                                            num, index, shard_size, strict, seed, val_fraction, mix, name, progress)
         if report.lines == 0:
             raise PrepareError(f"{name}: no examples (it holds no {report.unit}s)")
         area.finish_slice(index, num, report.lines)

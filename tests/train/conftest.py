@@ -40,19 +40,55 @@ def losses(save_dir) -> dict[int, dict]:
     return out
 
 
-def run_many(runs: dict[str, tuple[list, int]], plan_dir: Path, timeout=1500) -> None:
+def run_many(runs: dict[str, tuple[list, int]], plan_dir: Path, timeout=1500, side_by_side: bool = False) -> None:
     """Several launch/train.py argument lists, {name: (args, ranks)}, in one launch per world
     size (tests/checkpoint/many_runs.py: each run goes through the trainer's own run(), one
-    after another in the same processes), in the dict's order within a world size. Asserts
-    every launch succeeded. Shares DeepSpeed's start-up between the runs of a fixture."""
+    after another in the same processes), in the dict's order within a world size of two
+    or more. Asserts every launch succeeded. Shares DeepSpeed's start-up between the runs
+    of a fixture.
+
+    `side_by_side`: one-rank runs leave a core of the 2-core machine idle, so they run
+    beside the two-rank launch, or in two launches side by side when there is none. Only
+    for light runs (not NVMe offload, whose buffers twice over do not fit CI's 24 GiB), and
+    the runs must not read each other's output across world sizes, nor among the one-rank
+    runs."""
     by_world: dict[int, list] = {}
     for args, ranks in runs.values():
         by_world.setdefault(ranks, []).append([str(a) for a in args])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for world, arg_lists in sorted(by_world.items()):
-        plan = Path(plan_dir) / f"plan_world{world}.json"
+
+    def start(world, arg_lists, tag=""):
+        plan = Path(plan_dir) / f"plan_world{world}{tag}.json"
         plan.write_text(json.dumps(arg_lists))
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-                               "--master_port", str(free_port()), "tests/checkpoint/many_runs.py", str(plan)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        out, err = (open(Path(plan_dir) / f"plan_world{world}{tag}.{k}", "w+") for k in ("out", "err"))
+        proc = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
+                                 "--master_port", str(free_port()), "tests/checkpoint/many_runs.py", str(plan)],
+                                cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        return proc, out, err
+
+    def finish(launch):
+        proc, out, err = launch
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        out.seek(0), err.seek(0)
+        text, errors = out.read(), err.read()
+        out.close(), err.close()
+        assert code == 0, text[-3000:] + errors[-5000:]
+
+    ones = by_world.pop(1, []) if side_by_side else []
+    first = [start(2, by_world.pop(2))] if side_by_side and 2 in by_world else []
+    if ones:
+        halves = [ones] if first or len(ones) == 1 else [ones[::2], ones[1::2]]
+        first += [start(1, half, f"_{i}") for i, half in enumerate(halves)]
+    try:
+        for launch in first:
+            finish(launch)
+    finally:  # a failed launch: the others side by side with it end too
+        for proc, *_ in first:
+            if proc.poll() is None:
+                proc.kill()
+    for world, arg_lists in sorted(by_world.items()):
+        finish(start(world, arg_lists))

@@ -16,6 +16,7 @@ are ~30 MB. What is tested is every other item, on top of that baseline.
 """
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ROOT
@@ -30,18 +31,24 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory_baseline  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 SEQ, STEPS = 32, 2
-# small under every ZeRO stage (its model items are ~3 GB of the total); tiny under the
-# offload config, where the baseline is nearly all of it
-MEASURED = [("tiny", "zero3_offload.json")] + [("small", c) for c in ("zero3_offload.json", "zero2.json", "zero1.json")]
+MEASURED = [(m, c) for m in ("tiny", "small") for c in ("zero3_offload.json", "zero2.json", "zero1.json")]
 
 
 class Runs:
-    """`launch/train.py` runs keyed by (preset, config), each made once:
-    (peak RSS bytes, "RssAnon: .. kB RssFile: .." at exit), and the process baseline
-    measured once on this machine (benchmarks/memory_baseline.measure)."""
+    """`launch/train.py` runs keyed by (preset, config): (peak RSS bytes, "RssAnon: .. kB
+    RssFile: .." at exit), and the process baseline measured on this machine
+    (benchmarks/memory_baseline.measure). All start at once, two at a time (the 2-core
+    machine; a process's own peak RSS does not depend on its neighbour)."""
 
     def __init__(self, tmp, tiny_data):
-        self.tmp, self.data, self.done, self._baseline = tmp, {"tiny": tiny_data}, {}, None
+        self.tmp, self.data = tmp, {"tiny": tiny_data}
+        for model in {m for m, _ in MEASURED}:
+            self.data_for(model)
+        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.baseline_run = self.pool.submit(memory_baseline.measure, "zero3_offload.json",
+                                             data=self.data["tiny"], workdir=self.tmp / "baseline")
+        self.done = {(m, c): self.pool.submit(memory_baseline.train_rss, c, m, self.data[m], self.tmp,
+                                              seq_len=SEQ, steps=STEPS) for m, c in MEASURED}
 
     def data_for(self, model):
         if model not in self.data:
@@ -50,22 +57,18 @@ class Runs:
         return self.data[model]
 
     def get(self, model, config):
-        if (model, config) not in self.done:
-            peak, at_exit, _ = memory_baseline.train_rss(config, model, self.data_for(model), self.tmp,
-                                                         seq_len=SEQ, steps=STEPS)
-            self.done[model, config] = (peak, at_exit)
-        return self.done[model, config]
+        peak, at_exit, _ = self.done[model, config].result()
+        return peak, at_exit
 
     def baseline(self):
-        if self._baseline is None:
-            self._baseline = memory_baseline.measure("zero3_offload.json", data=self.data["tiny"],
-                                                     workdir=self.tmp)
-        return self._baseline
+        return self.baseline_run.result()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_data):
-    return Runs(tmp_path_factory.mktemp("memory"), tiny_data)
+    runs = Runs(tmp_path_factory.mktemp("memory"), tiny_data)
+    yield runs
+    runs.pool.shutdown(wait=True)
 
 
 @pytest.mark.parametrize("model,config", MEASURED)

@@ -33,7 +33,7 @@ def check(proc):
 def runs(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("layouts")
     run_many({name: (["--data", tiny_data, *BASE, *extra, "--save-dir", root / name], ranks)
-              for name, (extra, ranks) in LAYOUTS.items()}, root)
+              for name, (extra, ranks) in LAYOUTS.items()}, root, side_by_side=True)
     return root
 
 
