@@ -94,7 +94,7 @@ def test_data_parallel_layouts_match_the_single_process(tiny_data, tmp_path):
         "dp2_zero3": (["--ds_config", "zero3_offload.json", "--micro-batch", 1, "--grad-accum", 2], 2),
     }
     run_many({name: (base + extra + ["--save-dir", tmp_path / name], ranks) for name, (extra, ranks) in runs.items()},
-             tmp_path)
+             tmp_path, side_by_side=True)
     logs = {name: losses(tmp_path / name) for name in runs}
     ref = logs.pop("dp1")
     for name, log in logs.items():
