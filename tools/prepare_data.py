@@ -502,15 +502,16 @@ def _write_units(source, area, report: Report, toks, vocab: Vocab, tokenizers_di
     from an earlier attempt), in order."""
     kept: list[int] = []
     written: list[int] = []
+    decided = [-1, False]  # (unit, whether to write it): units come in order, each decided once
 
     def todo(k):
-        if k % num != index:
-            return False
-        if area.done_unit(k) is not None:
-            if not kept or kept[-1] != k:
+        if decided[0] != k:
+            mine = k % num == index
+            done = mine and area.done_unit(k) is not None
+            if done:
                 kept.append(k)
-            return False
-        return True
+            decided[:] = [k, mine and not done]
+        return decided[1]
 
     tasks = _chunks(source, report, shard_size, todo)
     first = list(islice(tasks, 2))  # a pool only pays off for two tasks or more
@@ -592,7 +593,7 @@ def _merge(area, report: Report, vocab: Vocab, tokenizers_dir, num: int | None) 
     if report.interleaved:
         extra["interleaved"] = {"documents": report.interleaved, "cut": len(report.cut), "seq_len": report.seq_len}
     try:
-        report.meta, _ = area.merge(vocab, tokenizers_dir, extra, num)
+        report.meta = area.merge(vocab, tokenizers_dir, extra, units)
     except slices.SliceError as e:
         raise PrepareError(str(e)) from None
     return True

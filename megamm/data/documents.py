@@ -211,6 +211,40 @@ def split_of(seed: int, key: int, val_fraction: float) -> str:
     return "val" if np.random.default_rng([int(seed), int(key), 11]).random() < val_fraction else "train"
 
 
+class DocumentCounts:
+    """What meta.json counts of written documents: documents and tokens per split, tokens
+    per modality, documents per template (a DatasetWriter's, a preparation unit's, or the
+    sum of several: `add_counts`)."""
+
+    def __init__(self, vocab: Vocab):
+        self._modality = vocab.modality_table().numpy()
+        self.documents = {"train": 0, "val": 0}
+        self.tokens = {"train": 0, "val": 0}
+        self.tokens_per_modality = {name: 0 for name in MODALITY_NAMES}
+        self.templates: dict[str, int] = {}
+
+    def add(self, split: str, arr: np.ndarray, template: str | None = None) -> None:
+        """One document, int64 ids `arr`, of `split` and `template`."""
+        self.documents[split] += 1
+        self.tokens[split] += arr.size
+        counts = np.bincount(self._modality[arr], minlength=len(MODALITY_NAMES))
+        for name, n in zip(MODALITY_NAMES, counts.tolist()):
+            self.tokens_per_modality[name] += n
+        if template is not None:
+            self.templates[template] = self.templates.get(template, 0) + 1
+
+    def to_dict(self) -> dict:
+        return {"documents": dict(self.documents), "tokens": dict(self.tokens),
+                "tokens_per_modality": dict(self.tokens_per_modality), "templates": dict(self.templates)}
+
+    def add_counts(self, d: dict) -> None:
+        """Add another's to_dict()."""
+        for key, mine in (("documents", self.documents), ("tokens", self.tokens),
+                          ("tokens_per_modality", self.tokens_per_modality), ("templates", self.templates)):
+            for name, n in d[key].items():
+                mine[name] = mine.get(name, 0) + n
+
+
 class DatasetWriter:
     """Writes documents into `<out>/train-NNNNN.{bin,idx}` / `val-NNNNN...` shards and,
     on `close`, `<out>/meta.json`. Counts tokens per modality and documents per split
@@ -229,31 +263,21 @@ class DatasetWriter:
         self.stage.mkdir(parents=True)
         self.vocab = vocab
         self.shard_tokens = int(shard_tokens)
-        self._modality = vocab.modality_table().numpy()
         self._writers: dict[str, ShardWriter] = {}
         self._shard_no = {"train": 0, "val": 0}
         self._shard_fill = {"train": 0, "val": 0}
-        self.documents = {"train": 0, "val": 0}
-        self.tokens = {"train": 0, "val": 0}
-        self.tokens_per_modality = {name: 0 for name in MODALITY_NAMES}
-        self.templates: dict[str, int] = {}
+        self.counts = DocumentCounts(vocab)
         self.written: list[Path] = []
 
     def add(self, split: str, ids: list[int], template: str | None = None) -> None:
-        if split not in self.documents:
+        if split not in self._shard_no:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         arr = np.asarray(ids, dtype=np.int64)
         if split not in self._writers or self._shard_fill[split] >= self.shard_tokens:
             self._roll(split)
         self._writers[split].add_document(arr)
         self._shard_fill[split] += arr.size
-        self.documents[split] += 1
-        self.tokens[split] += arr.size
-        counts = np.bincount(self._modality[arr], minlength=len(MODALITY_NAMES))
-        for name, n in zip(MODALITY_NAMES, counts.tolist()):
-            self.tokens_per_modality[name] += n
-        if template is not None:
-            self.templates[template] = self.templates.get(template, 0) + 1
+        self.counts.add(split, arr, template)
 
     def _roll(self, split: str) -> None:
         if split in self._writers:
@@ -279,9 +303,7 @@ class DatasetWriter:
         for path in self.written:
             os.replace(path, self.out / path.name)
         self.stage.rmdir()
-        counts = {"tokens_per_modality": self.tokens_per_modality, "documents": self.documents,
-                  "tokens": self.tokens, "templates": self.templates}
-        return write_meta(self.out, self.vocab, tokenizers_dir, counts, extra)
+        return write_meta(self.out, self.vocab, tokenizers_dir, self.counts.to_dict(), extra)
 
 
     def abort(self) -> None:

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from megamm.data.documents import write_meta
+from megamm.data.documents import DocumentCounts, write_meta
 from megamm.data.shards import ShardWriter
-from megamm.vocab import MODALITY_NAMES, Vocab
+from megamm.vocab import Vocab
 
 WORK = ".prep"
 MAX_UNITS = 100_000
@@ -164,37 +164,38 @@ class WorkArea:
                              f"({', '.join(f'{k}: {v} records' for k, v in sorted(seen.items()))})")
         return (next(iter(seen.values())) if seen else None), finished
 
-    def missing(self, shard_size: int, num: int | None = None) -> tuple[int | None, list[int], str]:
-        """(records in the input or None, units not done, a line naming the slices that owe
-        them: `num` slices, default the largest slice count among the finished markers)."""
+    def _survey(self, shard_size: int, num: int | None) -> tuple[int | None, list[dict | None], str]:
+        """(records in the input or None before any slice finished, each unit's done-marker
+        or None, a line naming the slices that owe the missing ones: `num` slices, default
+        the largest slice count among the finished markers); each marker read once."""
         records, finished = self.status()
         if records is None:
             return None, [], "no slice has finished yet"
-        todo = [k for k in range(-(-records // shard_size)) if self.done_unit(k) is None]
+        markers = [self.done_unit(k) for k in range(-(-records // shard_size))]
         num = num or max(finished)
-        lacking = sorted({k % num for k in todo})
-        return records, todo, f"slice(s) {', '.join(map(str, lacking))} of {num} not finished"
+        lacking = sorted({k % num for k, m in enumerate(markers) if m is None})
+        return records, markers, f"slice(s) {', '.join(map(str, lacking))} of {num} not finished"
+
+    def missing(self, shard_size: int, num: int | None = None) -> tuple[int | None, list[int], str]:
+        """(records in the input or None, units not done, the line naming who owes them)."""
+        records, markers, owed = self._survey(shard_size, num)
+        return records, [k for k, m in enumerate(markers) if m is None], owed
 
     def units(self, num: int | None = None) -> list[dict]:
         """Every unit's done-marker, in order; a SliceError naming the slices (of `num`, as
         in `missing`) and units not done while any is not."""
-        shard_size = self.options()["shard_size"]
-        records, todo, owed = self.missing(shard_size, num)
+        records, markers, owed = self._survey(self.options()["shard_size"], num)
+        todo = [k for k, m in enumerate(markers) if m is None]
         if records is None or todo:
             units = ", ".join(map(str, todo[:10])) + (" ..." if len(todo) > 10 else "")
             raise SliceError(f"{self.out}: cannot merge yet: {owed}" + (f" (units {units} not done)" if todo else ""))
-        return [self.done_unit(k) for k in range(-(-records // shard_size))]
+        return markers
 
     # ---- merge ---------------------------------------------------------------------------
-    def merge(self, vocab: Vocab, tokenizers_dir: Path | str, extra: dict,
-              num: int | None = None) -> tuple[dict, list[dict]]:
-        """Every unit done -> OUT's shards and meta.json (returned, with the unit markers
-        in order); the work area is removed. Raises SliceError naming what is missing.
-        `tokenizers_dir` is moved to OUT/tokenizers when it lies inside the work area."""
-        opts = self.options()
-        if opts is None:
-            raise SliceError(f"{self.out}: nothing to merge (no {WORK}/ work area)")
-        stats = self.units(num)
+    def merge(self, vocab: Vocab, tokenizers_dir: Path | str, extra: dict, stats: list[dict]) -> dict:
+        """Every unit's done-marker (`units()`) -> OUT's shards and meta.json (returned);
+        the work area is removed. `tokenizers_dir` is linked to OUT/tokenizers when it lies
+        inside the work area."""
         files = [name for s in stats for name in s["files"]]
         for split in SPLITS:  # an empty split still gets a (valid, empty) shard
             if not any(name.startswith(f"{split}-") for name in files):
@@ -216,15 +217,12 @@ class WorkArea:
             tmp.unlink(missing_ok=True)
             _link(self.dir / name, tmp)
             os.replace(tmp, self.out / name)
-        counts = {"documents": dict.fromkeys(SPLITS, 0), "tokens": dict.fromkeys(SPLITS, 0),
-                  "tokens_per_modality": dict.fromkeys(MODALITY_NAMES, 0), "templates": {}}
-        for s in stats:
-            for key in counts:
-                for name, n in s[key].items():
-                    counts[key][name] = counts[key].get(name, 0) + n
-        meta = write_meta(self.out, vocab, tok, counts, extra)
+        counts = DocumentCounts(vocab)
+        for unit in stats:
+            counts.add_counts(unit)
+        meta = write_meta(self.out, vocab, tok, counts.to_dict(), extra)
         shutil.rmtree(self.dir)
-        return meta, stats
+        return meta
 
 
 class UnitWriter:
@@ -233,42 +231,31 @@ class UnitWriter:
 
     def __init__(self, area: WorkArea, k: int, vocab: Vocab):
         self.area, self.k, self.vocab = area, k, vocab
-        self._modality = vocab.modality_table().numpy()
         area.unit_marker(k).unlink(missing_ok=True)
         for split in SPLITS:
             for suffix in (".bin", ".idx", ".bin.tmp", ".idx.tmp"):
                 (area.dir / f"{split}-{k:05d}{suffix}").unlink(missing_ok=True)
         self.writers = {split: ShardWriter(area.dir / f"{split}-{k:05d}", vocab.size) for split in SPLITS}
-        self.documents = dict.fromkeys(SPLITS, 0)
-        self.tokens = dict.fromkeys(SPLITS, 0)
-        self.tokens_per_modality = dict.fromkeys(MODALITY_NAMES, 0)
-        self.templates: dict[str, int] = {}
+        self.counts = DocumentCounts(vocab)
 
     def add(self, split: str, ids, template: str | None = None) -> None:
         arr = np.asarray(ids, dtype=np.int64)
         self.writers[split].add_document(arr)
-        self.documents[split] += 1
-        self.tokens[split] += arr.size
-        counts = np.bincount(self._modality[arr], minlength=len(MODALITY_NAMES))
-        for name, n in zip(MODALITY_NAMES, counts.tolist()):
-            self.tokens_per_modality[name] += n
-        if template is not None:
-            self.templates[template] = self.templates.get(template, 0) + 1
+        self.counts.add(split, arr, template)
 
     def close(self, report: dict) -> dict:
         """Finish the shards (a split without documents gets none) and write the marker:
         the counts, the file sizes and `report` (JSON-able: what the unit skipped, ...)."""
         files = {}
         for split, w in self.writers.items():
-            if self.documents[split]:
+            if self.counts.documents[split]:
                 w.close()
                 for suffix in (".bin", ".idx"):
                     name = f"{split}-{self.k:05d}{suffix}"
                     files[name] = (self.area.dir / name).stat().st_size
             else:
                 w.__exit__(RuntimeError, None, None)  # drop the empty file
-        stats = {"unit": self.k, "files": files, "documents": self.documents, "tokens": self.tokens,
-                 "tokens_per_modality": self.tokens_per_modality, "templates": self.templates, **report}
+        stats = {"unit": self.k, "files": files, **self.counts.to_dict(), **report}
         _write_json(self.area.unit_marker(self.k), stats)
         return stats
 

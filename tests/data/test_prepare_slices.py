@@ -34,7 +34,7 @@ KILLING_RUN = (
     "add = slices.UnitWriter.add\n"
     "def killing_add(self, split, ids, template=None):\n"
     "    add(self, split, ids, template)\n"
-    f"    if self.k == {KILL_IN} and sum(self.documents.values()) == 3:\n"
+    f"    if self.k == {KILL_IN} and sum(self.counts.documents.values()) == 3:\n"
     "        for w in self.writers.values(): w._bin.flush()\n"
     "        os.kill(os.getpid(), signal.SIGKILL)\n"
     "slices.UnitWriter.add = killing_add\n"
