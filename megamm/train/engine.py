@@ -99,8 +99,9 @@ class Trainer:
         """One optimizer step over `gas` micro-batches (inputs, targets) -> its record.
         `step` (from 1) numbers it for the bad-step guard's fault injection. With
         `row_sources` (per micro-batch, each row's index into `source_names`; after
-        report_rows) the record has `loss_<name>`, the token-mean loss of each source's
-        rows over all replicas (absent for a source without rows this step)."""
+        report_rows) the record has, per source over all replicas, `tokens_<name>`, its
+        rows' counted targets, and `loss_<name>`, their token-mean loss (absent for a
+        source without counted targets this step)."""
         if len(batches) != self.gas:
             raise ValueError(f"a step takes {self.gas} micro-batches, got {len(batches)}")
         # DeepSpeed divides by gas and averages over data parallel; undo both and divide
@@ -130,6 +131,7 @@ class Trainer:
             both = self._gather_stats(torch.cat([stats, self._per_source(rows, row_sources, n)]))
             rec = loss_record(both[:N_STATS], "")
             ce, count = both[N_STATS:N_STATS + n], both[N_STATS + n:]
+            rec.update({f"tokens_{name}": int(count[k]) for k, name in enumerate(source_names)})
             rec.update({f"loss_{name}": float(ce[k] / count[k]) for k, name in enumerate(source_names) if count[k] > 0})
         rec["lr"] = float(self.engine.get_lr()[0])
         gn = self.engine.get_global_grad_norm()

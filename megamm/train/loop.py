@@ -40,7 +40,7 @@ from megamm.train import bad_steps, checkpoint, ds_config
 from megamm.train.args import TrainArgs
 from megamm.train.engine import Trainer, build_trainer, check_layout
 from megamm.train.init_from import load_init_state
-from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops, source_token_counts
+from megamm.train.metrics import MetricsLog, flops_per_token, peak_flops
 from megamm.train.preemption import Preempted, StopRequest
 from megamm.train.schedules import Checkpointer, MetricsLogger, Sampler, Validator
 from megamm.vocab import Vocab
@@ -289,22 +289,19 @@ def run(args: TrainArgs, hooks: Hooks = Hooks()) -> list[dict]:
     flops_tok = flops_per_token(cfg, cfg.max_seq_len)
     peak = peak_flops(trainer.device)
     stop = StopRequest.install()  # from here SIGTERM/SIGUSR1 -> all ranks save after the same step
+    names = [s.name for s in r.sources] if r.blended else None
     if r.blended:
-        trainer.report_rows()  # the head's per-row loss statistics -> loss_<name> per source
+        trainer.report_rows()  # the head's per-row loss statistics -> tokens_ and loss_<name> per source
     while r.step < args.max_steps:
         t0 = time.perf_counter()
         batches, row_sources = [], []
         for _ in range(trainer.gas):
             batches.append(r.loader.next_batch())
             row_sources.append(getattr(r.loader, "last_sources", None))
-        rec = (trainer.train_step(batches, r.step + 1, row_sources, [s.name for s in r.sources]) if r.blended
-               else trainer.train_step(batches, r.step + 1))
+        rec = trainer.train_step(batches, r.step + 1, row_sources if r.blended else None, names)
         r.step += 1
         dt = time.perf_counter() - t0
         rec = {"step": r.step, **rec, "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
-        if r.blended:
-            counts = source_token_counts(trainer, batches, row_sources, len(r.sources))
-            rec.update({f"tokens_{s.name}": int(n) for s, n in zip(r.sources, counts)})
         if peak:
             rec["mfu"] = flops_tok * tokens_per_step / dt / (peak * r.topo.world_size)
             rec["mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30

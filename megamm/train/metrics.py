@@ -1,15 +1,12 @@
-"""Throughput and model-FLOPs utilisation, per-source token counts of a blend, and the
-metrics.jsonl writer."""
+"""Throughput and model-FLOPs utilisation, and the metrics.jsonl writer."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from megamm.config import ModelConfig
-from megamm.parallel.distributed import all_reduce_sum
 
 # dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {
@@ -40,18 +37,6 @@ def peak_flops(device: torch.device) -> float | None:
         if key in name:
             return flops
     return None
-
-
-def source_token_counts(trainer, batches, sources: list[np.ndarray], n_sources: int) -> list[float]:
-    """Counted target tokens (those the loss counts) per source in a step's micro-batches,
-    summed over data-parallel replicas: `sources[i]` is micro-batch i's rows' sources."""
-    vocab, allowed = trainer.vocab, trainer.tables.get("cpu")[0]
-    counts = torch.zeros(n_sources, dtype=torch.float64)
-    for (x, y), src in zip(batches, sources):
-        per_row = vocab.counted_targets(vocab.states(x), vocab.loss_targets(x, y, trainer.loss_scope),
-                                        trainer.grammar, allowed).sum(dim=1).double()
-        counts.index_add_(0, torch.as_tensor(src, dtype=torch.int64), per_row)
-    return all_reduce_sum(counts.to(trainer.device), trainer.groups.dp_group).cpu().tolist()
 
 
 class MetricsLog:

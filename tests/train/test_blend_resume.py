@@ -52,7 +52,8 @@ def test_a_resumed_blend_continues_the_uninterrupted_loss_curve(runs):
 @pytest.mark.parametrize("run", ["straight", "pipeline"])
 def test_each_sources_training_loss_is_its_share_of_the_step_loss(runs, run):
     """loss_a, loss_b are token means over each source's rows: weighted by tokens_a,
-    tokens_b (counted on the input side, every replica) they give back the step's loss,
+    tokens_b (the same rows' counted targets, every replica) they give back the step's
+    loss, which the head sums per modality, not per row,
     under data parallelism (2 replicas) and a 2-stage pipeline alike."""
     records = losses(runs / run)
     assert sorted(records) == list(range(1, 7 if run == "straight" else 4))
