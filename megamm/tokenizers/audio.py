@@ -34,6 +34,26 @@ from megamm.runtime import progress_bar, torch_threads
 from megamm.schedule import warmup_cosine
 
 
+
+def padded_clips(audio, hop: int) -> torch.Tensor:
+    """float32 `[B, T]` clips -> a tensor `[B, frames * hop]`, zero-padded to whole frames
+    (what an audio tokenizer's encode takes); ValueError for another shape."""
+    wave = torch.as_tensor(np.asarray(audio, dtype=np.float32))
+    if wave.ndim != 2:
+        raise ValueError(f"audio must be float32 [B, T], got shape {list(wave.shape)}")
+    return F.pad(wave, (0, -(-wave.shape[1] // hop) * hop - wave.shape[1]))
+
+
+def checked_codes(ids, n_codebooks: int, codebook_size: int) -> torch.Tensor:
+    """Frame-major codes `[B, frames * n_codebooks]` -> int64 tensor; ValueError for another
+    shape or a code outside [0, codebook_size) (what an audio tokenizer's decode takes)."""
+    codes = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    if codes.ndim != 2 or codes.shape[1] % n_codebooks:
+        raise ValueError(f"audio codes must be [B, frames * {n_codebooks}], got {list(codes.shape)}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise ValueError(f"audio code outside [0, {codebook_size})")
+    return codes
+
 @dataclass(frozen=True)
 class AudioCodecConfig:
     sample_rate: int = 16000
@@ -163,11 +183,7 @@ class AudioTokenizer:
     @torch.no_grad()
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """float32 `[B, T]` at `sample_rate` -> int64 `[B, frames * C]`, frame-major."""
-        wave = torch.as_tensor(np.asarray(audio, dtype=np.float32))
-        if wave.ndim != 2:
-            raise ValueError(f"audio must be float32 [B, T], got shape {list(wave.shape)}")
-        frames = self.n_frames(wave.shape[1])
-        wave = F.pad(wave, (0, frames * self.cfg.hop - wave.shape[1]))
+        wave = padded_clips(audio, self.cfg.hop)
         z = self.model.encode_latent(wave)  # [B, frames, D]
         codes = self.model.rvq.encode(z.reshape(-1, z.shape[-1]))  # [B * frames, C]
         return codes.reshape(wave.shape[0], -1).numpy().astype(np.int64)
@@ -175,12 +191,8 @@ class AudioTokenizer:
     @torch.no_grad()
     def decode(self, ids) -> np.ndarray:
         """int `[B, frames * C]` (frame-major) -> float32 `[B, frames * hop]`."""
-        codes = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+        codes = checked_codes(ids, self.cfg.n_codebooks, self.cfg.codebook_size)
         C = self.cfg.n_codebooks
-        if codes.ndim != 2 or codes.shape[1] % C:
-            raise ValueError(f"audio codes must be [B, frames * {C}], got {list(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.cfg.codebook_size):
-            raise ValueError(f"audio code outside [0, {self.cfg.codebook_size})")
         B, frames = codes.shape[0], codes.shape[1] // C
         if frames == 0:
             return np.zeros((B, 0), np.float32)

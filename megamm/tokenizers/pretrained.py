@@ -40,6 +40,7 @@ import torch
 from PIL import Image, ImageOps
 
 from megamm.media import RESIZE_FILTER
+from megamm.tokenizers.audio import checked_codes, padded_clips
 from megamm.tokenizers.io import read_info, write_info
 
 IMAGE_CLASSES = ("Emu3VQVAE", "JanusVQVAE", "ChameleonVQVAE")
@@ -374,23 +375,15 @@ class HFAudioTokenizer:
     @torch.no_grad()
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """float32 `[B, T]` at `sample_rate` -> int64 `[B, frames * C]`, frame-major."""
-        wave = torch.as_tensor(np.asarray(audio, dtype=np.float32))
-        if wave.ndim != 2:
-            raise ValueError(f"audio must be float32 [B, T], got shape {list(wave.shape)}")
-        frames = self.n_frames(wave.shape[1])
-        wave = torch.nn.functional.pad(wave, (0, frames * self._hop - wave.shape[1]))
+        wave = padded_clips(audio, self._hop)
         codes = self.hf_codes(wave[:, None].to(self.device))  # [B, C, frames']
         return codes.transpose(1, 2).reshape(codes.shape[0], -1).cpu().numpy().astype(np.int64)
 
     @torch.no_grad()
     def decode(self, ids) -> np.ndarray:
         """int `[B, frames * C]` (frame-major) -> float32 `[B, frames * hop]` in [-1, 1]."""
-        codes = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+        codes = checked_codes(ids, self._n, self.codebook_size)
         C = self._n
-        if codes.ndim != 2 or codes.shape[1] % C:
-            raise ValueError(f"audio codes must be [B, frames * {C}], got {list(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"audio code outside [0, {self.codebook_size})")
         B, frames = codes.shape[0], codes.shape[1] // C
         if frames == 0:
             return np.zeros((B, 0), np.float32)
